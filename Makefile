@@ -1,0 +1,34 @@
+# m365-sensor: the targets a person and CI use. See README.md.
+CARGO ?= cargo
+DEMO_RECORDS ?= 5000
+
+.PHONY: all build demo test lint fmt bench clean
+
+all: build
+
+## Build every binary of the workspace (the agent, the simulator, the receiver).
+build:
+	$(CARGO) build --workspace --bins
+
+## Run the main job on the embedded default: a simulated tenant and backend on loopback, with live progress.
+demo:
+	$(CARGO) run -q -p m365-sensor -- demo --records $(DEMO_RECORDS)
+
+## Unit, property and black-box tests (the black-box suites start the real binaries).
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+
+## Formatting and lints are policy.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Benchmarks print figures; no test asserts a time.
+bench:
+	$(CARGO) run -q --release -p sensor-blackbox --bin spool-bench
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,544 @@
+//! The Management Activity API client of one tenant. Invariants: every request waits for the tenant's
+//! rate limiter, carries `PublisherIdentifier` (blob fetches included) and a bearer token, has connect
+//! and total timeouts and a size cap on its body; a 401 refreshes the token once and retries the same
+//! request; AF429 is throttling whatever its HTTP status; `NextPageUri` and `contentUri` are followed only
+//! on the API's own origin (a token is never sent elsewhere).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use reqwest::Method;
+use sensor_core::counters::Counters;
+use serde::Deserialize;
+
+use crate::auth::{describe_reqwest, AuthError, TokenProvider};
+use crate::ratelimit::RateLimiter;
+use crate::window::Window;
+
+/// Most pages followed for one window.
+pub const MAX_PAGES: usize = 10_000;
+/// Cap on error and listing bodies.
+const SMALL_BODY_CAP: u64 = 16 * 1024 * 1024;
+
+/// A listed content blob.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentItem {
+    /// Content type.
+    #[serde(default)]
+    pub content_type: String,
+    /// Opaque id (contains `$`).
+    pub content_id: String,
+    /// Where to fetch it.
+    pub content_uri: String,
+    /// When it was made available.
+    #[serde(default)]
+    pub content_created: Option<String>,
+    /// When it can no longer be fetched.
+    #[serde(default)]
+    pub content_expiration: Option<String>,
+}
+
+/// A subscription as listed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subscription {
+    /// Content type.
+    pub content_type: String,
+    /// "enabled" or "disabled" (absent means not enabled).
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+/// A failed API operation, classified by what the collector must do.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No token (credentials, cloud, Entra unreachable).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// AF429 (as 403 or 429): the tenant pauses.
+    #[error("throttled by Microsoft (AF429), pausing {pause:?}: {text}")]
+    Throttled {
+        /// How long the tenant pauses.
+        pause: Duration,
+        /// The server's message.
+        text: String,
+    },
+    /// Unified audit logging is off ("Tenant … does not exist").
+    #[error("audit logging is not enabled for the tenant: {0}")]
+    AuditDisabled(String),
+    /// AF20023.
+    #[error("the subscription was disabled (AF20023): {0}")]
+    SubscriptionDisabled(String),
+    /// AF20022.
+    #[error("no subscription for the content type (AF20022): {0}")]
+    NoSubscription(String),
+    /// AF20030 / AF20055.
+    #[error("the listing window was rejected ({code}): {text}")]
+    WindowRejected {
+        /// AF code.
+        code: String,
+        /// Message.
+        text: String,
+    },
+    /// AF20051.
+    #[error("the content expired (AF20051): {0}")]
+    ContentExpired(String),
+    /// AF20050 / AF20052: the content does not exist.
+    #[error("the content does not exist ({code}): {text}")]
+    ContentGone {
+        /// AF code.
+        code: String,
+        /// Message.
+        text: String,
+    },
+    /// AF10001, or a 401/403 that persists after a fresh token.
+    #[error("permission or consent missing (HTTP {status} {code}): {text}")]
+    ConsentMissing {
+        /// HTTP status.
+        status: u16,
+        /// Code.
+        code: String,
+        /// Message.
+        text: String,
+    },
+    /// The token's audience is not this API (the app lives in another cloud).
+    #[error("the API refused the token's audience (wrong cloud): {0}")]
+    WrongAudience(String),
+    /// 5xx, AF50000: retry later.
+    #[error("Microsoft answered HTTP {status} {code}: {text}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// Code.
+        code: String,
+        /// Message.
+        text: String,
+    },
+    /// Another 4xx.
+    #[error("Microsoft refused the request with HTTP {status} {code}: {text}")]
+    Client {
+        /// HTTP status.
+        status: u16,
+        /// Code.
+        code: String,
+        /// Message.
+        text: String,
+    },
+    /// Connection, TLS or timeout.
+    #[error("Microsoft API unreachable: {0}")]
+    Transport(String),
+    /// The body exceeded its cap.
+    #[error("the response exceeds the {limit}-byte cap")]
+    TooLarge {
+        /// The cap.
+        limit: u64,
+    },
+    /// The response could not be understood.
+    #[error("unexpected response from {what}: {text}")]
+    BadResponse {
+        /// Which operation.
+        what: &'static str,
+        /// Details.
+        text: String,
+    },
+}
+
+impl ApiError {
+    /// Errors that concern one blob and may pass by retrying later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApiError::Server { .. } | ApiError::Transport(_))
+            || matches!(self, ApiError::Auth(a) if a.is_transient())
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Classifies a non-success API response by its body first, then its status.
+pub fn classify(status: u16, body: &[u8], pause: impl FnOnce() -> Duration) -> ApiError {
+    let (code, message) = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => (b.error.code, b.error.message),
+        Err(_) => (
+            String::new(),
+            String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+        ),
+    };
+    let both = format!("{code} {message}");
+    let text = sensor_core::status::redact(message.lines().next().unwrap_or("").trim());
+    let text = if text.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        text
+    };
+    if both.contains("DataServiceException") && both.contains("does not exist") {
+        let tenant_line = both
+            .split("Exception: ")
+            .nth(1)
+            .and_then(|s| s.lines().next())
+            .unwrap_or("Tenant does not exist.")
+            .trim()
+            .to_string();
+        return ApiError::AuditDisabled(format!(
+            "Microsoft.Office.Compliance.Audit.DataServiceException: {tenant_line}"
+        ));
+    }
+    match code.as_str() {
+        "AF429" => {
+            return ApiError::Throttled {
+                pause: pause(),
+                text,
+            }
+        }
+        "AF20022" => return ApiError::NoSubscription(text),
+        "AF20023" => return ApiError::SubscriptionDisabled(text),
+        "AF20030" | "AF20055" => return ApiError::WindowRejected { code, text },
+        "AF20051" => return ApiError::ContentExpired(text),
+        "AF20050" | "AF20052" => return ApiError::ContentGone { code, text },
+        "AF10001" => return ApiError::ConsentMissing { status, code, text },
+        _ => {}
+    }
+    if status == 429 {
+        return ApiError::Throttled {
+            pause: pause(),
+            text,
+        };
+    }
+    if both.to_ascii_lowercase().contains("invalid audience") {
+        return ApiError::WrongAudience(text);
+    }
+    match status {
+        401 | 403 => ApiError::ConsentMissing { status, code, text },
+        500..=599 => ApiError::Server { status, code, text },
+        408 => ApiError::Server { status, code, text },
+        _ => ApiError::Client { status, code, text },
+    }
+}
+
+/// Parses `Retry-After` (seconds or HTTP date).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The client of one tenant's feed.
+pub struct ApiClient {
+    http: reqwest::Client,
+    origin: String,
+    root: String,
+    publisher: String,
+    tokens: Arc<TokenProvider>,
+    limiter: Arc<RateLimiter>,
+    counters: Arc<Counters>,
+    max_blob_bytes: u64,
+}
+
+impl ApiClient {
+    /// A client for `{api_base}/api/v1.0/{tenant_id}/activity/feed`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        http: reqwest::Client,
+        api_base: &str,
+        tenant_id: &str,
+        publisher: &str,
+        tokens: Arc<TokenProvider>,
+        limiter: Arc<RateLimiter>,
+        counters: Arc<Counters>,
+        max_blob_bytes: u64,
+    ) -> Self {
+        Self {
+            http,
+            origin: origin_of(api_base).unwrap_or_else(|| api_base.to_string()),
+            root: format!("{api_base}/api/v1.0/{tenant_id}/activity/feed"),
+            publisher: publisher.to_string(),
+            tokens,
+            limiter,
+            counters,
+            max_blob_bytes,
+        }
+    }
+
+    /// The tenant's limiter.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    fn with_publisher(&self, url: &str) -> String {
+        let has = url
+            .split_once('?')
+            .map(|(_, q)| {
+                q.split('&')
+                    .any(|kv| kv.to_ascii_lowercase().starts_with("publisheridentifier="))
+            })
+            .unwrap_or(false);
+        if has {
+            url.to_string()
+        } else {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}PublisherIdentifier={}", self.publisher)
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        cap: u64,
+    ) -> Result<(HeaderMap, Vec<u8>), ApiError> {
+        if origin_of(url).as_deref() != Some(self.origin.as_str()) {
+            return Err(ApiError::BadResponse {
+                what: "pagination",
+                text: format!(
+                    "refusing to follow {url}: not on the API's origin {}",
+                    self.origin
+                ),
+            });
+        }
+        let url = self.with_publisher(url);
+        let mut refreshed = false;
+        loop {
+            self.limiter.acquire().await;
+            let token = self.tokens.token().await?;
+            Counters::add(&self.counters.api_requests, 1);
+            let mut req = self.http.request(method.clone(), &url).bearer_auth(token);
+            if method == Method::POST {
+                req = req.header(reqwest::header::CONTENT_LENGTH, "0");
+            }
+            let mut resp = req
+                .send()
+                .await
+                .map_err(|e| ApiError::Transport(describe_reqwest(&e)))?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let cap = if resp.status().is_success() {
+                cap
+            } else {
+                SMALL_BODY_CAP.min(64 * 1024)
+            };
+            if resp.content_length().is_some_and(|l| l > cap) {
+                return Err(ApiError::TooLarge { limit: cap });
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| ApiError::Transport(describe_reqwest(&e)))?
+            {
+                if (body.len() + chunk.len()) as u64 > cap {
+                    if status < 300 {
+                        return Err(ApiError::TooLarge { limit: cap });
+                    }
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            if (200..300).contains(&status) {
+                self.limiter.succeeded();
+                return Ok((headers, body));
+            }
+            let err = classify(status, &body, || {
+                self.limiter.throttled(retry_after(&headers))
+            });
+            if let ApiError::Throttled { .. } = err {
+                Counters::add(&self.counters.api_throttled, 1);
+                return Err(err);
+            }
+            if status == 401 && !refreshed {
+                refreshed = true;
+                self.tokens.invalidate().await;
+                continue;
+            }
+            return Err(err);
+        }
+    }
+
+    /// Starts the subscription of `content_type` (no webhook). "Already enabled" (AF20024) is success.
+    pub async fn start_subscription(&self, content_type: &str) -> Result<(), ApiError> {
+        let url = format!(
+            "{}/subscriptions/start?contentType={content_type}",
+            self.root
+        );
+        match self.send(Method::POST, &url, SMALL_BODY_CAP).await {
+            Ok(_) => Ok(()),
+            Err(ApiError::Client { code, .. }) if code == "AF20024" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Lists the tenant's subscriptions.
+    pub async fn list_subscriptions(&self) -> Result<Vec<Subscription>, ApiError> {
+        let url = format!("{}/subscriptions/list", self.root);
+        let (_, body) = self.send(Method::GET, &url, SMALL_BODY_CAP).await?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadResponse {
+            what: "subscriptions/list",
+            text: e.to_string(),
+        })
+    }
+
+    /// Lists the content of `window`, following `NextPageUri` (or `NextPageUrl`) until none is given,
+    /// a page repeats, or [`MAX_PAGES`] is reached.
+    pub async fn list_content(
+        &self,
+        content_type: &str,
+        window: Window,
+    ) -> Result<Vec<ContentItem>, ApiError> {
+        let mut url = format!(
+            "{}/subscriptions/content?contentType={content_type}&startTime={}&endTime={}",
+            self.root,
+            sensor_core::timefmt::api_time(window.start),
+            sensor_core::timefmt::api_time(window.end)
+        );
+        let mut items = Vec::new();
+        let mut seen_pages = HashSet::new();
+        for _ in 0..MAX_PAGES {
+            let (headers, body) = self.send(Method::GET, &url, SMALL_BODY_CAP).await?;
+            let page: Vec<ContentItem> =
+                serde_json::from_slice(&body).map_err(|e| ApiError::BadResponse {
+                    what: "subscriptions/content",
+                    text: format!(
+                        "{e}: {}",
+                        String::from_utf8_lossy(&body[..body.len().min(200)])
+                    ),
+                })?;
+            items.extend(page);
+            let next = headers
+                .get("NextPageUri")
+                .or_else(|| headers.get("NextPageUrl"))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            match next {
+                None => return Ok(items),
+                Some(n) if n.is_empty() => return Ok(items),
+                Some(n) => {
+                    seen_pages.insert(url.clone());
+                    if seen_pages.contains(&n) {
+                        log::warn!(target: "collector", "NextPageUri repeats an earlier page ({content_type}); stopping this listing");
+                        return Ok(items);
+                    }
+                    url = n;
+                }
+            }
+        }
+        log::warn!(target: "collector", "listing of {content_type} exceeded {MAX_PAGES} pages; stopping");
+        Ok(items)
+    }
+
+    /// Fetches a content blob, capped at the tenant's `max_blob_bytes`.
+    pub async fn fetch_blob(&self, content_uri: &str) -> Result<Vec<u8>, ApiError> {
+        self.send(Method::GET, content_uri, self.max_blob_bytes)
+            .await
+            .map(|(_, b)| b)
+    }
+}
+
+/// `scheme://host[:port]` of a URL.
+fn origin_of(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    Some(u.origin().ascii_serialization())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn af429_is_throttling_whatever_the_status() {
+        let body = br#"{'error':{'code':'AF429'}}"#;
+        assert!(
+            matches!(
+                classify(403, body, || Duration::ZERO),
+                ApiError::ConsentMissing { .. }
+            ),
+            "not JSON: status decides"
+        );
+        let body = br#"{"error":{"code":"AF429","message":"Too many requests. Method=GetBlob, PublisherId=x"}}"#;
+        assert!(matches!(
+            classify(403, body, || Duration::from_secs(3)),
+            ApiError::Throttled { .. }
+        ));
+        assert!(matches!(
+            classify(429, body, || Duration::from_secs(3)),
+            ApiError::Throttled { .. }
+        ));
+    }
+
+    #[test]
+    fn error_bodies_map_to_their_meaning() {
+        let audit = br#"{"error":{"code":"StartSubscription [CorrId=1][TenantId=t,ContentType=Audit.SharePoint][AppId","message":"] failed. Exception: Microsoft.Office.Compliance.Audit.DataServiceException: Tenant t does not exist.\r\n at X"}}"#;
+        match classify(400, audit, || Duration::ZERO) {
+            ApiError::AuditDisabled(t) => assert!(t.contains("Tenant t does not exist."), "{t}"),
+            e => panic!("{e:?}"),
+        }
+        let c = |code: &str, status| {
+            classify(
+                status,
+                format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#).as_bytes(),
+                || Duration::ZERO,
+            )
+        };
+        assert!(matches!(c("AF20022", 400), ApiError::NoSubscription(_)));
+        assert!(matches!(
+            c("AF20023", 400),
+            ApiError::SubscriptionDisabled(_)
+        ));
+        assert!(matches!(c("AF20030", 400), ApiError::WindowRejected { .. }));
+        assert!(matches!(c("AF20055", 400), ApiError::WindowRejected { .. }));
+        assert!(matches!(c("AF20051", 400), ApiError::ContentExpired(_)));
+        assert!(matches!(c("AF10001", 403), ApiError::ConsentMissing { .. }));
+        assert!(matches!(c("AF50000", 500), ApiError::Server { .. }));
+        assert!(matches!(c("AF20024", 400), ApiError::Client { .. }));
+        assert!(matches!(
+            classify(502, b"<html>bad gateway</html>", || Duration::ZERO),
+            ApiError::Server { .. }
+        ));
+    }
+
+    #[test]
+    fn retry_after_accepts_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "7".parse().expect("value"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let at = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        h.insert(reqwest::header::RETRY_AFTER, at.parse().expect("value"));
+        let d = retry_after(&h).expect("date");
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        assert_eq!(
+            origin_of("https://127.0.0.1:8443/api/x?y=1").as_deref(),
+            Some("https://127.0.0.1:8443")
+        );
+        assert_ne!(
+            origin_of("https://evil.example/api"),
+            origin_of("https://manage.office.com/api")
+        );
+    }
+}

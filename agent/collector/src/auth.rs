@@ -1,0 +1,392 @@
+//! Entra ID tokens for one tenant: client secret or certificate assertion, cached and refreshed ahead of
+//! expiry. Invariant: the scope always follows the tenant's `cloud` (the `login_url` override changes
+//! where the request goes, never what it asks for), and no secret or token reaches an error message.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ring::rand::SystemRandom;
+use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256, RSA_PSS_SHA256};
+use rustls::pki_types::PrivateKeyDer;
+use sensor_core::config::{AssertionAlg, TenantConfig};
+use serde::Deserialize;
+use sha1::Digest as _;
+
+/// Why no token could be had.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// AADSTS7000215 / 7000216 / 700027: the secret or the certificate is wrong.
+    #[error("Entra refused the credentials ({code}): {text}")]
+    InvalidCredentials {
+        /// The AADSTS code.
+        code: String,
+        /// Entra's description.
+        text: String,
+    },
+    /// AADSTS7000222: the client secret expired.
+    #[error("the client secret expired ({code}): {text}")]
+    SecretExpired {
+        /// The AADSTS code.
+        code: String,
+        /// Entra's description.
+        text: String,
+    },
+    /// AADSTS900382 or an audience error: the app lives in another cloud.
+    #[error("wrong cloud ({code}): {text}")]
+    WrongCloud {
+        /// The AADSTS code.
+        code: String,
+        /// Entra's description.
+        text: String,
+    },
+    /// AADSTS700016 / 90002 and other configuration errors: unknown app or tenant.
+    #[error("Entra refused the request ({code}): {text}")]
+    Refused {
+        /// The AADSTS code.
+        code: String,
+        /// Entra's description.
+        text: String,
+    },
+    /// The token endpoint could not be reached or failed (retried).
+    #[error("token endpoint unreachable: {0}")]
+    Unreachable(String),
+    /// The credential files could not be used.
+    #[error("credential: {0}")]
+    Credential(String),
+}
+
+impl AuthError {
+    /// Whether retrying soon may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AuthError::Unreachable(_))
+    }
+}
+
+enum Credential {
+    Secret(String),
+    Certificate {
+        key: Box<RsaKeyPair>,
+        x5t: String,
+        x5t_s256: String,
+        alg: AssertionAlg,
+    },
+}
+
+struct Cached {
+    token: String,
+    refresh_at: Instant,
+}
+
+/// Tokens for one tenant. Invariant: at most one token request is in flight per tenant; a cached token
+/// is used only before its refresh time (ahead of expiry).
+pub struct TokenProvider {
+    http: reqwest::Client,
+    token_url: String,
+    tenant_id: String,
+    client_id: String,
+    scope: String,
+    credential: Credential,
+    cache: tokio::sync::Mutex<Option<Cached>>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct EntraError {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+    #[serde(default)]
+    error_codes: Vec<u64>,
+}
+
+impl TokenProvider {
+    /// Builds the provider of `tenant`, reading its credential files now.
+    pub fn new(tenant: &TenantConfig, http: reqwest::Client) -> Result<Self, AuthError> {
+        let credential = match (
+            &tenant.client_secret_file,
+            &tenant.certificate_file,
+            &tenant.private_key_file,
+        ) {
+            (Some(secret), _, _) => Credential::Secret(read_secret(secret)?),
+            (None, Some(cert), Some(key)) => load_certificate(cert, key, tenant.assertion_alg)?,
+            _ => {
+                return Err(AuthError::Credential(format!(
+                    "tenant {} has no credential",
+                    tenant.name
+                )))
+            }
+        };
+        Ok(Self {
+            http,
+            token_url: format!(
+                "{}/{}/oauth2/v2.0/token",
+                tenant.login_base(),
+                tenant.tenant_id
+            ),
+            tenant_id: tenant.tenant_id.clone(),
+            client_id: tenant.client_id.clone(),
+            scope: tenant.cloud.scope(),
+            credential,
+            cache: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// A valid access token, from the cache or freshly requested.
+    pub async fn token(&self) -> Result<String, AuthError> {
+        let mut cache = self.cache.lock().await;
+        if let Some(c) = cache.as_ref() {
+            if Instant::now() < c.refresh_at {
+                return Ok(c.token.clone());
+            }
+        }
+        let (token, lifetime) = self.request().await?;
+        // Refresh ahead of expiry: 5 minutes early, or at 3/4 of a short lifetime.
+        let ahead = Duration::from_secs(300).min(lifetime / 4);
+        *cache = Some(Cached {
+            token: token.clone(),
+            refresh_at: Instant::now() + lifetime - ahead,
+        });
+        Ok(token)
+    }
+
+    /// Forgets the cached token (after a 401).
+    pub async fn invalidate(&self) {
+        *self.cache.lock().await = None;
+    }
+
+    async fn request(&self) -> Result<(String, Duration), AuthError> {
+        let mut form: Vec<(&str, String)> = vec![
+            ("grant_type", "client_credentials".into()),
+            ("client_id", self.client_id.clone()),
+            ("scope", self.scope.clone()),
+        ];
+        match &self.credential {
+            Credential::Secret(s) => form.push(("client_secret", s.clone())),
+            Credential::Certificate { .. } => {
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                ));
+                form.push(("client_assertion", self.assertion()?));
+            }
+        }
+        let resp = self
+            .http
+            .post(&self.token_url)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| AuthError::Unreachable(describe_reqwest(&e)))?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| AuthError::Unreachable(describe_reqwest(&e)))?;
+        if status.is_success() {
+            let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+                AuthError::Unreachable(format!("token response is not valid JSON: {e}"))
+            })?;
+            let secs = match &t.expires_in {
+                Some(serde_json::Value::Number(n)) => n.as_u64(),
+                Some(serde_json::Value::String(s)) => s.parse().ok(),
+                _ => None,
+            }
+            .unwrap_or(3599)
+            .max(1);
+            return Ok((t.access_token, Duration::from_secs(secs)));
+        }
+        Err(classify_entra_error(status.as_u16(), &body))
+    }
+
+    fn assertion(&self) -> Result<String, AuthError> {
+        let Credential::Certificate {
+            key,
+            x5t,
+            x5t_s256,
+            alg,
+        } = &self.credential
+        else {
+            return Err(AuthError::Credential("no certificate".into()));
+        };
+        let header = match alg {
+            AssertionAlg::RS256 => serde_json::json!({"alg":"RS256","typ":"JWT","x5t":x5t}),
+            AssertionAlg::PS256 => {
+                serde_json::json!({"alg":"PS256","typ":"JWT","x5t#S256":x5t_s256})
+            }
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = serde_json::json!({
+            "aud": self.token_url,
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "nbf": now - 60,
+            "iat": now,
+            "exp": now + 600,
+        });
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut sig = vec![0u8; key.public().modulus_len()];
+        let padding: &'static dyn ring::signature::RsaEncoding = match alg {
+            AssertionAlg::RS256 => &RSA_PKCS1_SHA256,
+            AssertionAlg::PS256 => &RSA_PSS_SHA256,
+        };
+        key.sign(
+            padding,
+            &SystemRandom::new(),
+            signing_input.as_bytes(),
+            &mut sig,
+        )
+        .map_err(|_| AuthError::Credential("signing the client assertion failed".into()))?;
+        let _ = &self.tenant_id;
+        Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
+    }
+}
+
+/// Maps an Entra error response to an [`AuthError`] by its AADSTS code.
+pub fn classify_entra_error(status: u16, body: &[u8]) -> AuthError {
+    let parsed: Option<EntraError> = serde_json::from_slice(body).ok();
+    let Some(e) = parsed else {
+        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        return AuthError::Unreachable(format!("token endpoint answered HTTP {status}: {text}"));
+    };
+    let first_line = e
+        .error_description
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let code = e
+        .error_codes
+        .first()
+        .map(|c| format!("AADSTS{c}"))
+        .or_else(|| {
+            first_line
+                .split(':')
+                .next()
+                .filter(|s| s.starts_with("AADSTS"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| e.error.clone());
+    let text = if first_line.is_empty() {
+        e.error.clone()
+    } else {
+        first_line
+    };
+    match code.as_str() {
+        "AADSTS7000215" | "AADSTS7000216" | "AADSTS700027" | "AADSTS700023" | "AADSTS7000218" => {
+            AuthError::InvalidCredentials { code, text }
+        }
+        "AADSTS7000222" => AuthError::SecretExpired { code, text },
+        "AADSTS900382" | "AADSTS500011" => AuthError::WrongCloud { code, text },
+        _ if status >= 500 || status == 429 => {
+            AuthError::Unreachable(format!("HTTP {status} {code}: {text}"))
+        }
+        _ => AuthError::Refused { code, text },
+    }
+}
+
+fn read_secret(path: &Path) -> Result<String, AuthError> {
+    let s = std::fs::read_to_string(path).map_err(|e| {
+        AuthError::Credential(format!(
+            "cannot read the client secret file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let s = s.trim().to_string();
+    if s.is_empty() {
+        return Err(AuthError::Credential(format!(
+            "the client secret file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(s)
+}
+
+fn load_certificate(cert: &Path, key: &Path, alg: AssertionAlg) -> Result<Credential, AuthError> {
+    let certs =
+        sensor_core::tls::read_certs(cert).map_err(|e| AuthError::Credential(e.to_string()))?;
+    let der = certs[0].as_ref();
+    let key_der =
+        sensor_core::tls::read_key(key).map_err(|e| AuthError::Credential(e.to_string()))?;
+    let key = match &key_der {
+        PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
+        PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),
+        _ => {
+            return Err(AuthError::Credential(format!(
+                "{}: the certificate's key must be RSA (Entra requires RSA, at least 2048 bits)",
+                key.display()
+            )))
+        }
+    }
+    .map_err(|e| AuthError::Credential(format!("{}: not a usable RSA key: {e}", key.display())))?;
+    Ok(Credential::Certificate {
+        key: Box::new(key),
+        x5t: URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(der)),
+        x5t_s256: URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der)),
+        alg,
+    })
+}
+
+/// A one-line description of a transport error, naming timeouts and connection failures.
+pub fn describe_reqwest(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut msg = format!("{kind}: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    sensor_core::status::redact(&msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entra_errors_map_to_their_states() {
+        let body = br#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.\r\nTrace ID: x","error_codes":[7000215]}"#;
+        assert!(
+            matches!(classify_entra_error(401, body), AuthError::InvalidCredentials { ref code, .. } if code == "AADSTS7000215")
+        );
+        let body = br#"{"error":"invalid_client","error_description":"AADSTS7000222: The provided client secret keys for app 'x' are expired.","error_codes":[7000222]}"#;
+        assert!(matches!(
+            classify_entra_error(401, body),
+            AuthError::SecretExpired { .. }
+        ));
+        let body = br#"{"error":"invalid_request","error_description":"AADSTS900382: Confidential Client is not supported in Cross Cloud request.","error_codes":[900382]}"#;
+        assert!(matches!(
+            classify_entra_error(400, body),
+            AuthError::WrongCloud { .. }
+        ));
+        assert!(matches!(
+            classify_entra_error(503, b"<html>busy</html>"),
+            AuthError::Unreachable(_)
+        ));
+        let body = br#"{"error":"unauthorized_client","error_description":"AADSTS700016: Application not found","error_codes":[700016]}"#;
+        assert!(matches!(
+            classify_entra_error(400, body),
+            AuthError::Refused { .. }
+        ));
+    }
+}

@@ -1,0 +1,173 @@
+//! Microsoft 365 collection: Entra tokens ([`auth`]), the Management Activity API client ([`api`]), the
+//! per-tenant rate limiter ([`ratelimit`]), listing windows ([`window`]), blob parsing ([`blob`]) and the
+//! per tenant × content type loop ([`collector`]) that commits blobs to the spool.
+//!
+//! Invariant: the only writes this crate makes are through the spool's atomic, durable operations.
+
+pub mod api;
+pub mod auth;
+pub mod blob;
+pub mod collector;
+pub mod ratelimit;
+pub mod window;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sensor_core::config::TenantConfig;
+use sensor_core::counters::Counters;
+use sensor_core::status::{State, StatusBoard};
+use sensor_spool::Spool;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+/// Why a tenant could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    /// The HTTP client could not be built.
+    #[error("tenant {tenant}: {reason}")]
+    Setup {
+        /// The tenant's name.
+        tenant: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the stages share with every collector.
+#[derive(Clone)]
+pub struct Deps {
+    /// The spool.
+    pub spool: Arc<Spool>,
+    /// The status board.
+    pub status: Arc<StatusBoard>,
+    /// Counters.
+    pub counters: Arc<Counters>,
+    /// Woken after each commit.
+    pub relay_wake: Arc<Notify>,
+    /// `[network] proxy`.
+    pub proxy: Option<String>,
+}
+
+/// State shared by the collectors of one tenant: its config, API client (with its one rate limiter and
+/// token cache) and the stages.
+pub struct TenantShared {
+    /// The tenant's configuration.
+    pub config: TenantConfig,
+    /// The API client.
+    pub api: api::ApiClient,
+    /// The spool.
+    pub spool: Arc<Spool>,
+    /// The status board.
+    pub status: Arc<StatusBoard>,
+    /// Counters.
+    pub counters: Arc<Counters>,
+    /// Woken after each commit.
+    pub relay_wake: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl TenantShared {
+    /// Whether shutdown was requested.
+    pub fn is_shutdown(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Sleeps `d`; returns true if shutdown was requested meanwhile.
+    pub async fn sleep_or_shutdown(&self, d: Duration) -> bool {
+        let mut rx = self.shutdown.clone();
+        if *rx.borrow() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => *rx.borrow(),
+            _ = rx.changed() => true,
+        }
+    }
+
+    /// Runs a blocking spool operation (it may fdatasync) without stalling the async workers.
+    pub fn spool_blocking<T>(
+        &self,
+        f: impl FnOnce(&Spool) -> Result<T, sensor_spool::SpoolError>,
+    ) -> Result<T, sensor_spool::SpoolError> {
+        tokio::task::block_in_place(|| f(&self.spool))
+    }
+
+    /// Days until `client_secret_expires`, if configured.
+    pub fn secret_days_left(&self) -> Option<i64> {
+        let d = sensor_core::config::parse_date(self.config.client_secret_expires.as_deref()?)?;
+        Some((d - time::OffsetDateTime::now_utc().date()).whole_days())
+    }
+}
+
+/// Builds the HTTPS client of a tenant: system roots plus its `ca_file`, timeouts, proxy, User-Agent.
+pub fn tenant_http_client(
+    t: &TenantConfig,
+    proxy: Option<&str>,
+) -> Result<reqwest::Client, CollectorError> {
+    let err = |reason: String| CollectorError::Setup {
+        tenant: t.name.clone(),
+        reason,
+    };
+    let tls = sensor_core::tls::client_config(t.ca_file.as_deref(), None)
+        .map_err(|e| err(e.to_string()))?;
+    let mut b = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(t.request_timeout_secs))
+        .user_agent(sensor_core::user_agent());
+    if let Some(p) = proxy {
+        b = b.proxy(reqwest::Proxy::all(p).map_err(|e| err(format!("network.proxy `{p}`: {e}")))?);
+    }
+    b.build().map_err(|e| err(e.to_string()))
+}
+
+/// Starts one collector per content type of `tenant`. A tenant whose credentials cannot be loaded gets
+/// its components set to `credentials_invalid` and no collectors.
+pub fn start_tenant(
+    tenant: TenantConfig,
+    deps: &Deps,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>, CollectorError> {
+    let http = tenant_http_client(&tenant, deps.proxy.as_deref())?;
+    let tokens = match auth::TokenProvider::new(&tenant, http.clone()) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            for ct in &tenant.content_types {
+                deps.status.set(
+                    &format!("tenant/{}/{ct}", tenant.name),
+                    State::CredentialsInvalid,
+                    Some(e.to_string()),
+                    None,
+                );
+            }
+            log::error!(target: "collector", "tenant={} cannot load its credential: {e}", tenant.name);
+            return Ok(Vec::new());
+        }
+    };
+    let limiter = Arc::new(ratelimit::RateLimiter::new(tenant.max_requests_per_minute));
+    let api = api::ApiClient::new(
+        http,
+        &tenant.api_base(),
+        &tenant.tenant_id,
+        tenant.publisher(),
+        tokens,
+        limiter,
+        deps.counters.clone(),
+        tenant.max_blob_bytes,
+    );
+    let content_types = tenant.content_types.clone();
+    let shared = Arc::new(TenantShared {
+        config: tenant,
+        api,
+        spool: deps.spool.clone(),
+        status: deps.status.clone(),
+        counters: deps.counters.clone(),
+        relay_wake: deps.relay_wake.clone(),
+        shutdown,
+    });
+    Ok(content_types
+        .iter()
+        .map(|ct| tokio::spawn(collector::Collector::new(shared.clone(), ct).run()))
+        .collect())
+}

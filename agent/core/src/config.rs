@@ -1,0 +1,659 @@
+//! The sensor's configuration file (`sensor.toml`), strictly parsed: unknown keys are errors, every
+//! duration and size names its unit, and [`Config::load`] reports every validation error at once, each
+//! naming the file, the key and the fix.
+//!
+//! Invariant: a `Config` returned by [`Config::load`] or [`Config::from_toml`] has passed [`Config::validate`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cloud::Cloud;
+use crate::CONTENT_TYPES;
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the sled database, the status file and the lock.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The analysis backend.
+    pub backend: BackendConfig,
+    /// The local spool.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// The Microsoft 365 tenants to collect.
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+    /// Network settings shared by every request.
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/m365-sensor")
+}
+
+/// Compression of ingest batches.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd (default).
+    #[default]
+    Zstd,
+    /// gzip.
+    Gzip,
+}
+
+impl Compression {
+    /// The `Content-Encoding` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Gzip => "gzip",
+        }
+    }
+}
+
+/// `[backend]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Base URL (`https://...`); requests go to `{url}/v1/...`.
+    pub url: String,
+    /// File holding the bearer token (used when no client certificate is configured).
+    pub token_file: Option<PathBuf>,
+    /// Device certificate (PEM) for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    /// Device private key (PEM) for mutual TLS.
+    pub client_key_file: Option<PathBuf>,
+    /// Extra trust anchors (PEM) besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `zstd` or `gzip`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Largest uncompressed batch.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: u64,
+    /// Most records per batch.
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: u64,
+    /// How long a partial batch waits for more records.
+    #[serde(default = "default_batch_linger_ms")]
+    pub batch_linger_ms: u64,
+    /// Batches in flight at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Connect timeout of each request.
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+    /// Total timeout of each request.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_batch_max_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+fn default_batch_max_records() -> u64 {
+    10_000
+}
+fn default_batch_linger_ms() -> u64 {
+    1000
+}
+fn default_max_in_flight() -> u32 {
+    2
+}
+fn default_connect_timeout_secs() -> u64 {
+    10
+}
+fn default_request_timeout_secs() -> u64 {
+    60
+}
+
+/// `[spool]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Disk cap; when reached, collection pauses (never drops).
+    #[serde(default = "default_spool_max_bytes")]
+    pub max_bytes: u64,
+    /// sled's page cache; bounds the spool's memory.
+    #[serde(default = "default_spool_cache_bytes")]
+    pub cache_bytes: u64,
+    /// How long a record `Id` is remembered for dedup.
+    #[serde(default = "default_dedup_days")]
+    pub dedup_days: u32,
+}
+
+fn default_spool_max_bytes() -> u64 {
+    4 * 1024 * 1024 * 1024
+}
+fn default_spool_cache_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_dedup_days() -> u32 {
+    9
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_spool_max_bytes(),
+            cache_bytes: default_spool_cache_bytes(),
+            dedup_days: default_dedup_days(),
+        }
+    }
+}
+
+/// `[network]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// HTTPS proxy for every request (Microsoft and backend). `HTTPS_PROXY`/`NO_PROXY` apply otherwise.
+    pub proxy: Option<String>,
+}
+
+/// The JWT signature of a certificate credential's client assertion.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum AssertionAlg {
+    /// RS256 with the SHA-1 thumbprint in `x5t` (Entra's long-standing form).
+    #[default]
+    RS256,
+    /// PS256 with the SHA-256 thumbprint in `x5t#S256` (Entra's current documentation).
+    PS256,
+}
+
+/// One `[[tenant]]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Free label, unique.
+    pub name: String,
+    /// Directory (tenant) id, a GUID.
+    pub tenant_id: String,
+    /// Application (client) id, a GUID.
+    pub client_id: String,
+    /// File holding the client secret's value (mode 0600).
+    pub client_secret_file: Option<PathBuf>,
+    /// Certificate (PEM) uploaded to the app registration.
+    pub certificate_file: Option<PathBuf>,
+    /// The certificate's RSA private key (PEM, PKCS#8 or PKCS#1; mode 0600).
+    pub private_key_file: Option<PathBuf>,
+    /// Signature of the client assertion.
+    #[serde(default)]
+    pub assertion_alg: AssertionAlg,
+    /// The cloud the tenant and app live in.
+    #[serde(default = "default_cloud")]
+    pub cloud: Cloud,
+    /// Content types to collect.
+    #[serde(default = "default_content_types")]
+    pub content_types: Vec<String>,
+    /// How far back the first start reaches (at most 168).
+    #[serde(default = "default_backfill_hours")]
+    pub backfill_hours: u32,
+    /// Time between polls of each content type (at least 1).
+    #[serde(default = "default_poll_interval_secs")]
+    pub poll_interval_secs: u64,
+    /// How far back every poll re-lists, to find content listed late.
+    #[serde(default = "default_lookback_hours")]
+    pub lookback_hours: u32,
+    /// How often the whole retention window is re-listed for replays.
+    #[serde(default = "default_deep_sweep_hours")]
+    pub deep_sweep_hours: u32,
+    /// Requests per minute to this tenant, shared by its content types.
+    #[serde(default = "default_max_requests_per_minute")]
+    pub max_requests_per_minute: u32,
+    /// Largest content blob accepted; a larger one is quarantined.
+    #[serde(default = "default_max_blob_bytes")]
+    pub max_blob_bytes: u64,
+    /// Total timeout of each Microsoft request.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// `PublisherIdentifier` sent on every request; defaults to the tenant id.
+    pub publisher_identifier: Option<String>,
+    /// The client secret's expiry date (`YYYY-MM-DD`), for the `secret_expiring` warning.
+    pub client_secret_expires: Option<String>,
+    /// Override of the login host (tests, private endpoints); the scope still follows `cloud`.
+    pub login_url: Option<String>,
+    /// Override of the API host (tests, private endpoints).
+    pub api_url: Option<String>,
+    /// Extra trust anchors (PEM) for this tenant's endpoints.
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_cloud() -> Cloud {
+    Cloud::Commercial
+}
+fn default_content_types() -> Vec<String> {
+    CONTENT_TYPES.iter().map(|s| s.to_string()).collect()
+}
+fn default_backfill_hours() -> u32 {
+    168
+}
+fn default_poll_interval_secs() -> u64 {
+    60
+}
+fn default_lookback_hours() -> u32 {
+    24
+}
+fn default_deep_sweep_hours() -> u32 {
+    6
+}
+fn default_max_requests_per_minute() -> u32 {
+    2000
+}
+fn default_max_blob_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+impl TenantConfig {
+    /// The login base URL: the override or the cloud's authority.
+    pub fn login_base(&self) -> String {
+        self.login_url
+            .clone()
+            .unwrap_or_else(|| self.cloud.authority().to_string())
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// The API base URL: the override or `https://<cloud's API host>`.
+    pub fn api_base(&self) -> String {
+        self.api_url
+            .clone()
+            .unwrap_or_else(|| self.cloud.api_url())
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// The `PublisherIdentifier`: the configured one or the tenant id.
+    pub fn publisher(&self) -> &str {
+        self.publisher_identifier
+            .as_deref()
+            .unwrap_or(&self.tenant_id)
+    }
+}
+
+/// One problem in a configuration: where, what, and the fix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigProblem {
+    /// The dotted key, e.g. `tenant[0].tenant_id`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the configuration: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys or wrong types.
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message, with line and key.
+        message: String,
+    },
+    /// The file parsed but some values are invalid.
+    #[error("{file}: {} problem(s):\n{}", problems.len(), ProblemList(problems))]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// Every problem found.
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+struct ProblemList<'a>(&'a [ConfigProblem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  {}: {}", p.field, p.reason)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates `text`; `file` names it in errors.
+    pub fn from_toml(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// Every problem of this configuration, empty when it is valid. Checks values and the files named
+    /// (existence, and that secret files are not readable by group or others).
+    pub fn validate(&self) -> Vec<ConfigProblem> {
+        let mut p = Problems::default();
+        let b = &self.backend;
+        if !b.url.starts_with("https://") {
+            p.add(
+                "backend.url",
+                format!(
+                    "`{}` is not an https:// URL; the backend is only spoken to over TLS",
+                    b.url
+                ),
+            );
+        }
+        match (&b.client_cert_file, &b.client_key_file, &b.token_file) {
+            (Some(c), Some(k), _) => {
+                p.readable("backend.client_cert_file", c);
+                p.secret("backend.client_key_file", k);
+            }
+            (Some(_), None, _) | (None, Some(_), _) => p.add(
+                "backend.client_cert_file",
+                "client_cert_file and client_key_file go together: set both for mutual TLS".into(),
+            ),
+            (None, None, Some(t)) => p.secret("backend.token_file", t),
+            (None, None, None) => p.add(
+                "backend",
+                "no device credential: set token_file, or client_cert_file and client_key_file (enrolment writes them)".into(),
+            ),
+        }
+        if let Some(ca) = &b.ca_file {
+            p.readable("backend.ca_file", ca);
+        }
+        if b.batch_max_bytes < 1024 {
+            p.add("backend.batch_max_bytes", "must be at least 1024".into());
+        }
+        if b.batch_max_records == 0 {
+            p.add("backend.batch_max_records", "must be at least 1".into());
+        }
+        if b.max_in_flight == 0 || b.max_in_flight > 64 {
+            p.add("backend.max_in_flight", "must be between 1 and 64".into());
+        }
+        if b.request_timeout_secs == 0 || b.connect_timeout_secs == 0 {
+            p.add(
+                "backend.request_timeout_secs",
+                "timeouts must be at least 1 second".into(),
+            );
+        }
+        if self.spool.max_bytes < 1024 * 1024 {
+            p.add("spool.max_bytes", "must be at least 1048576 (1 MiB)".into());
+        }
+        if self.spool.dedup_days < 8 || self.spool.dedup_days > 30 {
+            p.add(
+                "spool.dedup_days",
+                "must be between 8 and 30 (Microsoft replays records 5-8 days old)".into(),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let k = |f: &str| format!("tenant[{i}].{f}");
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                p.add(
+                    &k("name"),
+                    format!(
+                        "`{}` must be non-empty letters, digits, '-', '_' or '.'",
+                        t.name
+                    ),
+                );
+            }
+            if !names.insert(t.name.clone()) {
+                p.add(
+                    &k("name"),
+                    format!(
+                        "`{}` is used by another tenant; names must be unique",
+                        t.name
+                    ),
+                );
+            }
+            if !is_guid(&t.tenant_id) {
+                p.add(&k("tenant_id"), format!("`{}` is not a GUID: copy the Directory (tenant) ID from the app's Overview page", t.tenant_id));
+            }
+            if !is_guid(&t.client_id) {
+                p.add(&k("client_id"), format!("`{}` is not a GUID: copy the Application (client) ID from the app's Overview page", t.client_id));
+            }
+            match (&t.client_secret_file, &t.certificate_file, &t.private_key_file) {
+                (Some(s), None, None) => p.secret(&k("client_secret_file"), s),
+                (None, Some(c), Some(key)) => {
+                    p.readable(&k("certificate_file"), c);
+                    p.secret(&k("private_key_file"), key);
+                }
+                (None, Some(_), None) | (None, None, Some(_)) => p.add(
+                    &k("certificate_file"),
+                    "certificate_file and private_key_file go together".into(),
+                ),
+                (None, None, None) => p.add(
+                    &k("client_secret_file"),
+                    "no credential: set client_secret_file, or certificate_file and private_key_file".into(),
+                ),
+                _ => p.add(
+                    &k("client_secret_file"),
+                    "conflicting credentials: use either client_secret_file or certificate_file + private_key_file, not both".into(),
+                ),
+            }
+            if t.content_types.is_empty() {
+                p.add(
+                    &k("content_types"),
+                    "must name at least one content type".into(),
+                );
+            }
+            let mut seen = std::collections::HashSet::new();
+            for ct in &t.content_types {
+                if !CONTENT_TYPES.contains(&ct.as_str()) {
+                    p.add(
+                        &k("content_types"),
+                        format!(
+                            "unknown content type `{ct}`; expected one of {}",
+                            CONTENT_TYPES.join(", ")
+                        ),
+                    );
+                }
+                if !seen.insert(ct) {
+                    p.add(&k("content_types"), format!("`{ct}` is listed twice"));
+                }
+            }
+            if t.backfill_hours > 168 {
+                p.add(
+                    &k("backfill_hours"),
+                    format!(
+                        "{} exceeds Microsoft's 7-day retention: at most 168",
+                        t.backfill_hours
+                    ),
+                );
+            }
+            if t.lookback_hours == 0 || t.lookback_hours > 167 {
+                p.add(&k("lookback_hours"), "must be between 1 and 167".into());
+            }
+            if t.deep_sweep_hours == 0 {
+                p.add(&k("deep_sweep_hours"), "must be at least 1".into());
+            }
+            if t.poll_interval_secs == 0 {
+                p.add(&k("poll_interval_secs"), "must be at least 1".into());
+            }
+            if t.max_requests_per_minute == 0 {
+                p.add(&k("max_requests_per_minute"), "must be at least 1".into());
+            }
+            if t.max_blob_bytes < 1024 {
+                p.add(&k("max_blob_bytes"), "must be at least 1024".into());
+            }
+            if t.request_timeout_secs == 0 {
+                p.add(&k("request_timeout_secs"), "must be at least 1".into());
+            }
+            if let Some(pid) = &t.publisher_identifier {
+                if !is_guid(pid) {
+                    p.add(&k("publisher_identifier"), format!("`{pid}` is not a GUID"));
+                }
+            }
+            if let Some(d) = &t.client_secret_expires {
+                if parse_date(d).is_none() {
+                    p.add(
+                        &k("client_secret_expires"),
+                        format!("`{d}` is not a date of the form YYYY-MM-DD"),
+                    );
+                }
+            }
+            for (f, v) in [("login_url", &t.login_url), ("api_url", &t.api_url)] {
+                if let Some(u) = v {
+                    if !u.starts_with("https://") {
+                        p.add(&k(f), format!("`{u}` is not an https:// URL"));
+                    }
+                }
+            }
+            if let Some(ca) = &t.ca_file {
+                p.readable(&k("ca_file"), ca);
+            }
+        }
+        p.0
+    }
+}
+
+/// Parses `YYYY-MM-DD`.
+pub fn parse_date(s: &str) -> Option<time::Date> {
+    time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]")).ok()
+}
+
+/// Whether `s` is a GUID in its 8-4-4-4-12 hex form.
+pub fn is_guid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, field: &str, reason: String) {
+        self.0.push(ConfigProblem {
+            field: field.to_string(),
+            reason,
+        });
+    }
+
+    fn readable(&mut self, field: &str, path: &Path) {
+        if let Err(e) = std::fs::File::open(path) {
+            self.add(field, format!("cannot read {}: {e}", path.display()));
+        }
+    }
+
+    /// A file holding a secret: readable, and not readable by group or others.
+    fn secret(&mut self, field: &str, path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(path) {
+            Err(e) => self.add(field, format!("cannot read {}: {e}", path.display())),
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => self.add(
+                field,
+                format!(
+                    "{} is readable by group or others (mode {:o}): run `chmod 600 {}`",
+                    path.display(),
+                    m.permissions().mode() & 0o777,
+                    path.display()
+                ),
+            ),
+            Ok(_) => {
+                if let Err(e) = std::fs::File::open(path) {
+                    self.add(field, format!("cannot read {}: {e}", path.display()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(dir: &Path, name: &str, body: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, body).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        p
+    }
+
+    #[test]
+    fn reports_every_problem_at_once_with_its_field() {
+        let dir = std::env::temp_dir().join(format!("cfgtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let secret = write(&dir, "s", "x", 0o644);
+        let token = write(&dir, "t", "x", 0o600);
+        let text = format!(
+            r#"
+[backend]
+url = "http://plain"
+token_file = "{}"
+[[tenant]]
+name = "a"
+tenant_id = "not-a-guid"
+client_id = "00000000-0000-0000-0000-000000000000"
+client_secret_file = "{}"
+content_types = ["Audit.Exchange", "Audit.Nope"]
+backfill_hours = 200
+"#,
+            token.display(),
+            secret.display()
+        );
+        let err = Config::from_toml(&text, Path::new("sensor.toml")).expect_err("invalid");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        for f in [
+            "backend.url",
+            "tenant[0].tenant_id",
+            "tenant[0].client_secret_file",
+            "tenant[0].content_types",
+            "tenant[0].backfill_hours",
+        ] {
+            assert!(fields.contains(&f), "{f} missing in {fields:?}");
+        }
+        assert!(err.to_string().contains("chmod 600"));
+        let unknown = Config::from_toml(
+            "bogus = 1\n[backend]\nurl=\"https://x\"\n",
+            Path::new("s.toml"),
+        )
+        .expect_err("unknown key");
+        assert!(unknown.to_string().contains("bogus"), "{unknown}");
+    }
+
+    #[test]
+    fn guid_check() {
+        assert!(is_guid("41463f53-8812-40f4-890f-865bf6e35190"));
+        assert!(!is_guid("41463f53881240f4890f865bf6e35190"));
+        assert!(!is_guid("41463f53-8812-40f4-890f-865bf6e3519g"));
+    }
+}

@@ -1,0 +1,37 @@
+//! Shared vocabulary of the sensor: the strict configuration, the clouds' endpoints, the status model,
+//! the record envelope sent to the backend, and the process-wide counters.
+//!
+//! Invariant: nothing here performs I/O on the network; the only file access is reading the configuration
+//! and checking the permissions of the files it names.
+
+pub mod cloud;
+pub mod config;
+pub mod counters;
+pub mod envelope;
+pub mod status;
+pub mod timefmt;
+pub mod tls;
+
+pub use cloud::Cloud;
+pub use config::{Config, ConfigError};
+
+/// The sensor's version, as reported in `User-Agent`, status and heartbeats.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The five content types of the Management Activity API. Invariant: spelled exactly as the API does.
+pub const CONTENT_TYPES: [&str; 5] = [
+    "Audit.AzureActiveDirectory",
+    "Audit.Exchange",
+    "Audit.SharePoint",
+    "Audit.General",
+    "DLP.All",
+];
+
+/// The `User-Agent` every request of the sensor carries: `m365-sensor/<version> (<os>; <arch>)`.
+pub fn user_agent() -> String {
+    format!(
+        "m365-sensor/{VERSION} ({}; {})",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )
+}

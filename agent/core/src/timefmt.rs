@@ -1,0 +1,57 @@
+//! Time formatting and parsing shared by the stages. Invariant: every timestamp the sensor writes is UTC.
+
+use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
+use time::{OffsetDateTime, PrimitiveDateTime};
+
+/// Formats `t` as RFC 3339 UTC with second precision, e.g. `2026-11-25T10:00:00Z`.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    let t = t
+        .to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t);
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Formats `t` as the API's `YYYY-MM-DDTHH:MM:SS` (UTC, no zone).
+pub fn api_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let fmt = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    t.format(&fmt)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Parses the API's timestamps: RFC 3339, or a zone-less `YYYY-MM-DDTHH:MM:SS[.fff]` read as UTC.
+pub fn parse_api_time(s: &str) -> Option<OffsetDateTime> {
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Some(t);
+    }
+    let trimmed = s.trim_end_matches('Z');
+    let fmts = [
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond]"),
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]"),
+    ];
+    fmts.iter().find_map(|f| {
+        PrimitiveDateTime::parse(trimmed, f)
+            .ok()
+            .map(PrimitiveDateTime::assume_utc)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_zoneless_and_zoned_times_as_utc() {
+        let a = parse_api_time("2015-06-29T20:03:19").expect("zone-less");
+        let b = parse_api_time("2015-06-29T20:03:19Z").expect("zoned");
+        let c = parse_api_time("2015-05-23T17:35:00.000Z").expect("fractional");
+        assert_eq!(a, b);
+        assert_eq!(c.unix_timestamp(), 1432402500);
+        assert_eq!(api_time(a), "2015-06-29T20:03:19");
+        assert_eq!(rfc3339(a), "2015-06-29T20:03:19Z");
+        assert!(parse_api_time("yesterday").is_none());
+    }
+}

@@ -1,0 +1,129 @@
+//! The `m365-sensor` binary: parses the command line, wires the stages and runs them. Everything else
+//! lives in the library crates under `agent/`.
+
+mod agent;
+#[cfg(feature = "demo")]
+mod demo;
+mod logging;
+mod status_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use sensor_core::config::Config;
+
+const DEFAULT_CONFIG: &str = "/etc/m365-sensor/sensor.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "m365-sensor",
+    version,
+    about = "Collects Microsoft 365 audit logs and relays them to the analysis backend"
+)]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace (default: M365_SENSOR_LOG or info).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the agent in the foreground until SIGTERM/SIGINT.
+    Run {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Prints the status of the running (or last run) agent. Exit 0 ok, 1 degraded, 2 failed.
+    Status {
+        /// Configuration file (for its state_dir).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Print the JSON status document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validates the configuration and prints every error at once.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Runs the main job on the embedded default: a simulated tenant and backend on loopback.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// Stop once this many records were delivered (default: run until interrupted).
+        #[arg(long)]
+        records: Option<u64>,
+        /// Keep the demo's working directory instead of deleting it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("m365-sensor: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn real_main(cli: Cli) -> Result<i32> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::Run { config } => {
+            logging::init(cli.log_level.as_deref());
+            let config = Config::load(&config)?;
+            runtime()?.block_on(async move {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    agent::termination().await;
+                    let _ = tx.send(true);
+                });
+                agent::run_agent(config, rx, |_| {}).await
+            })?;
+            Ok(0)
+        }
+        Command::Status { config, json } => {
+            let state_dir = match Config::load(&config) {
+                Ok(c) => c.state_dir,
+                Err(e) => {
+                    eprintln!("warning: {e}; using the default state directory");
+                    PathBuf::from("/var/lib/m365-sensor")
+                }
+            };
+            status_cmd::print_status(&state_dir, json)
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: OK ({} tenant(s))", config.display(), c.tenants.len());
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(1)
+            }
+        },
+        #[cfg(feature = "demo")]
+        Command::Demo { records, keep } => {
+            logging::init(Some(cli.log_level.as_deref().unwrap_or("warn")));
+            runtime()?.block_on(demo::run(records, keep))?;
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,959 @@
+//! The durable spool: a FIFO of audit records between the collectors and the relay, on sled.
+//!
+//! # Durability contract
+//! - [`Spool::commit_blob`] writes, in ONE sled transaction, a blob's new records (as chunks of envelope
+//!   lines), the blob's done-mark, the record Ids it adds to the dedup window and the collector's cursor;
+//!   then calls `Db::flush()` and a real `fdatasync` of sled's data file (`flush()` alone only issues
+//!   `sync_file_range`: see `shared/design/crate-notes.md`). It returns only after both. A caller may treat
+//!   the blob as done, and its cursor as advanced, only after `commit_blob` returned `Ok`.
+//! - [`Spool::cut_batch`] persists a batch descriptor (its sequence number, which is its Idempotency-Key,
+//!   and the exact record range it covers) and the next batch number, made durable the same way, before it
+//!   returns: a batch is sent only after that. The records of a batch are never changed or deleted while
+//!   the batch exists, so every retry of a key carries the same records in the same order, also after a
+//!   crash or a power cut. Batch numbers never decrease and are never reused.
+//! - Records are deleted only by [`Spool::ack_batch`] (the backend stored them) or moved to quarantine by
+//!   [`Spool::quarantine_batch`]; nothing is ever dropped to make room. When the stored bytes reach
+//!   `max_bytes`, [`Spool::is_full`] is true and the collectors pause.
+//! - Recovery may resend batches (same key, same records) and may re-fetch a blob that was not committed;
+//!   it may never lose a committed record, move a cursor backwards or reuse a batch number.
+//!
+//! # On-disk layout
+//! One sled database in `<dir>` (its data file is `<dir>/db`), plus `<dir>/LOCK` (an exclusive `flock`
+//! held while the spool is open: a second agent on the same state directory refuses to start).
+//! ```text
+//! main tree:
+//!   'C' seq:u64be              -> chunk: b'c' 1 records:u32be raw_len:u32be appended_ms:u64be zstd(lines)
+//!   'B' seq:u64be              -> BatchDesc (JSON): the half-open record range [start, end) it covers
+//!   'D' source 0x00 content_id -> done-mark: expires_unix:i64be kind:u8 (0 spooled, 1 expired, 2 quarantined)
+//!   'K' source                 -> Cursor (JSON)
+//!   'Q' seq:u64be              -> QuarantineItem (JSON)
+//!   'M' name                   -> next_chunk, next_batch, next_quarantine (u64be), batch_pos (u64be u32be),
+//!                                 figures (JSON)
+//! tree "seen-<day>" per UTC day: tenant_id 0x00 record_id -> () ; whole days are dropped after dedup_days
+//! ```
+//! `source` is `<tenant_id>/<content_type>`. A position is (chunk seq, record index in that chunk).
+
+mod chunk;
+mod keys;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+/// Errors of the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Another process holds the spool's lock.
+    #[error("another m365-sensor is already using the state directory {0} (its spool is locked); stop it first")]
+    Locked(PathBuf),
+    /// A file-system operation failed.
+    #[error("spool I/O on {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// sled failed.
+    #[error("spool database: {0}")]
+    Db(#[from] sled::Error),
+    /// Compression or decompression failed.
+    #[error("spool chunk codec: {0}")]
+    Codec(std::io::Error),
+    /// Stored data is not what the spool wrote.
+    #[error("spool data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Spool settings.
+#[derive(Clone, Debug)]
+pub struct SpoolOptions {
+    /// Cap on stored bytes; reaching it pauses collection.
+    pub max_bytes: u64,
+    /// sled's page cache.
+    pub cache_bytes: u64,
+    /// Days a record Id is remembered.
+    pub dedup_days: u32,
+}
+
+/// A record handed to the spool: its `Id` and its exact bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct RawRecord<'a> {
+    /// The record's `Id`.
+    pub id: &'a str,
+    /// The record's JSON, as served.
+    pub bytes: &'a [u8],
+}
+
+/// A collector's durable position for one tenant × content type. Invariant: `listed_until` never
+/// decreases once stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Everything listed with `contentCreated` before this (Unix seconds) has been handled.
+    pub listed_until: i64,
+    /// When the whole retention window was last re-listed (Unix seconds).
+    pub deep_swept_at: i64,
+    /// When the subscription was last started by us (Unix seconds); starts are 15 min apart.
+    pub subscription_started_at: i64,
+    /// Whether any content was ever listed.
+    pub first_content_seen: bool,
+}
+
+/// Everything one blob contributes, committed atomically.
+#[derive(Clone, Copy, Debug)]
+pub struct BlobCommit<'a> {
+    /// Tenant id (GUID).
+    pub tenant_id: &'a str,
+    /// Content type.
+    pub content_type: &'a str,
+    /// The blob's contentId.
+    pub content_id: &'a str,
+    /// Its `contentExpiration` (Unix seconds): the done-mark is kept until then.
+    pub expires_unix: i64,
+    /// `collected_at` of the envelopes.
+    pub collected_at: &'a str,
+    /// The blob's records.
+    pub records: &'a [RawRecord<'a>],
+    /// The collector's cursor after this blob, if it moves.
+    pub cursor: Option<&'a Cursor>,
+}
+
+/// What a commit did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// Records added.
+    pub spooled: u64,
+    /// Records dropped as already seen.
+    pub duplicates: u64,
+}
+
+/// Why a blob is done without its records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoneKind {
+    /// Its records were spooled.
+    Spooled = 0,
+    /// It expired before it could be fetched.
+    Expired = 1,
+    /// It was held in quarantine.
+    Quarantined = 2,
+}
+
+/// A position in the FIFO: chunk seq and record index within it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Pos {
+    /// Chunk sequence number.
+    pub chunk: u64,
+    /// Record index within the chunk.
+    pub record: u32,
+}
+
+/// A batch: its sequence number and the half-open record range it covers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchDesc {
+    /// Sequence number: the Idempotency-Key's number.
+    pub seq: u64,
+    /// First record.
+    pub start: Pos,
+    /// One past the last record.
+    pub end: Pos,
+    /// Records in the batch.
+    pub records: u64,
+    /// Uncompressed NDJSON bytes.
+    pub raw_bytes: u64,
+}
+
+/// Limits for cutting a batch.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    /// Most records.
+    pub max_records: u64,
+    /// Most uncompressed bytes (a single larger record still forms a batch of one).
+    pub max_raw_bytes: u64,
+    /// A partial batch is cut only once its oldest record waited this long.
+    pub linger: Duration,
+}
+
+/// An item held in quarantine.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuarantineItem {
+    /// Why.
+    pub reason: String,
+    /// Where it came from (source and content id, or batch seq).
+    pub origin: String,
+    /// When (Unix seconds).
+    pub at: i64,
+    /// Records it holds, when known.
+    pub records: u64,
+    /// The bytes (a blob prefix, or a batch's NDJSON), lossily as text.
+    pub payload: String,
+}
+
+/// Figures of the spool. Invariant: kept in the same transactions as the data they count.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Figures {
+    /// Records spooled and not yet acknowledged.
+    pub pending_records: u64,
+    /// Their uncompressed bytes.
+    pub pending_raw_bytes: u64,
+    /// Bytes of stored chunks (compressed).
+    pub stored_bytes: u64,
+    /// Records not yet in a batch.
+    pub unbatched_records: u64,
+    /// Their uncompressed bytes.
+    pub unbatched_raw_bytes: u64,
+    /// Items in quarantine.
+    pub quarantined_items: u64,
+    /// Their bytes.
+    pub quarantined_bytes: u64,
+}
+
+/// The spool. See the module header for its contract.
+pub struct Spool {
+    dir: PathBuf,
+    db: sled::Db,
+    main: sled::Tree,
+    sync_file: File,
+    _lock: File,
+    opts: SpoolOptions,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    next_chunk: u64,
+    next_batch: u64,
+    next_quarantine: u64,
+    batch_pos: Pos,
+    figures: Figures,
+    seen: BTreeMap<u32, sled::Tree>,
+    oldest_unbatched: Option<Instant>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn now_ms() -> u64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
+}
+
+fn day_of(unix: i64) -> u32 {
+    (unix.max(0) / 86_400) as u32
+}
+
+fn u64_value(v: Option<sled::IVec>) -> Result<Option<u64>, SpoolError> {
+    match v {
+        None => Ok(None),
+        Some(v) => {
+            let b: [u8; 8] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| SpoolError::Corrupt("u64 meta".into()))?;
+            Ok(Some(u64::from_be_bytes(b)))
+        }
+    }
+}
+
+fn pos_bytes(p: Pos) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&p.chunk.to_be_bytes());
+    b[8..].copy_from_slice(&p.record.to_be_bytes());
+    b
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir`, taking its lock.
+    pub fn open(dir: &Path, opts: SpoolOptions) -> Result<Spool, SpoolError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        fs2::FileExt::try_lock_exclusive(&lock)
+            .map_err(|_| SpoolError::Locked(dir.to_path_buf()))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(opts.cache_bytes)
+            .flush_every_ms(None)
+            .open()?;
+        let data_path = dir.join("db");
+        let sync_file = File::open(&data_path).map_err(io_err(&data_path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+        let main = db.open_tree("main")?;
+        let meta = |name: &[u8]| main.get(keys::meta_key(name));
+        let next_chunk = u64_value(meta(keys::meta::NEXT_CHUNK)?)?.unwrap_or(0);
+        let next_batch = u64_value(meta(keys::meta::NEXT_BATCH)?)?.unwrap_or(1);
+        let next_quarantine = u64_value(meta(keys::meta::NEXT_QUARANTINE)?)?.unwrap_or(0);
+        let batch_pos = match meta(keys::meta::BATCH_POS)? {
+            None => Pos::default(),
+            Some(v) if v.len() == 12 => Pos {
+                chunk: u64::from_be_bytes(
+                    v[..8]
+                        .try_into()
+                        .map_err(|_| SpoolError::Corrupt("batch_pos".into()))?,
+                ),
+                record: u32::from_be_bytes(
+                    v[8..]
+                        .try_into()
+                        .map_err(|_| SpoolError::Corrupt("batch_pos".into()))?,
+                ),
+            },
+            Some(_) => return Err(SpoolError::Corrupt("batch_pos".into())),
+        };
+        let figures = match meta(keys::meta::FIGURES)? {
+            None => Figures::default(),
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| SpoolError::Corrupt(format!("figures: {e}")))?,
+        };
+        let mut seen = BTreeMap::new();
+        for name in db.tree_names() {
+            if let Some(day) = keys::seen_tree_day(&name) {
+                seen.insert(day, db.open_tree(&name)?);
+            }
+        }
+        let oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            db,
+            main,
+            sync_file,
+            _lock: lock,
+            opts,
+            inner: Mutex::new(Inner {
+                next_chunk,
+                next_batch,
+                next_quarantine,
+                batch_pos,
+                figures,
+                seen,
+                oldest_unbatched,
+            }),
+        };
+        spool.expire_seen()?;
+        Ok(spool)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The durability point: sled's flush, then a real fdatasync of its data file.
+    fn make_durable(&self, what: &str) -> Result<(), SpoolError> {
+        self.db.flush()?;
+        self.sync_file
+            .sync_data()
+            .map_err(io_err(&self.dir.join("db")))?;
+        log::trace!(target: "durability", "durable: {what}");
+        Ok(())
+    }
+
+    /// Commits one blob atomically (see the module header). Records whose Id is in the dedup window, or
+    /// repeated within the blob, are dropped and counted.
+    pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
+        let mut inner = self.lock();
+        let today = day_of(now_unix());
+        let today_tree = match inner.seen.get(&today) {
+            Some(t) => t.clone(),
+            None => {
+                let t = self.db.open_tree(keys::seen_tree_name(today))?;
+                inner.seen.insert(today, t.clone());
+                t
+            }
+        };
+        let mut new_ids: Vec<Vec<u8>> = Vec::new();
+        let mut in_blob: HashSet<Vec<u8>> = HashSet::new();
+        let mut duplicates = 0u64;
+        let appended = now_ms();
+        let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut lines = Vec::new();
+        let mut in_chunk = 0u32;
+        let mut raw_total = 0u64;
+        let mut next_chunk = inner.next_chunk;
+        for r in c.records {
+            let key = keys::seen_key(c.tenant_id, r.id);
+            if in_blob.contains(&key) || Self::seen_before(&inner.seen, &key)? {
+                duplicates += 1;
+                continue;
+            }
+            in_blob.insert(key.clone());
+            new_ids.push(key);
+            sensor_core::envelope::write_envelope(
+                &mut lines,
+                c.tenant_id,
+                c.content_type,
+                c.content_id,
+                c.collected_at,
+                r.bytes,
+            );
+            in_chunk += 1;
+            if lines.len() >= chunk::MAX_RAW || in_chunk as usize >= chunk::MAX_RECORDS {
+                raw_total += lines.len() as u64;
+                chunks.push((next_chunk, chunk::encode(&lines, in_chunk, appended)?));
+                next_chunk += 1;
+                lines.clear();
+                in_chunk = 0;
+            }
+        }
+        if in_chunk > 0 {
+            raw_total += lines.len() as u64;
+            chunks.push((next_chunk, chunk::encode(&lines, in_chunk, appended)?));
+            next_chunk += 1;
+        }
+        let spooled = new_ids.len() as u64;
+        let mut figures = inner.figures.clone();
+        figures.pending_records += spooled;
+        figures.unbatched_records += spooled;
+        figures.pending_raw_bytes += raw_total;
+        figures.unbatched_raw_bytes += raw_total;
+        figures.stored_bytes += chunks.iter().map(|(_, v)| v.len() as u64).sum::<u64>();
+        let source = format!("{}/{}", c.tenant_id, c.content_type);
+        let cursor = match c.cursor {
+            Some(new) => Some(self.merged_cursor(&source, new)?),
+            None => None,
+        };
+        let figures_json = json(&figures);
+        let done_value = done_value(c.expires_unix, DoneKind::Spooled);
+        let done_key = keys::done_key(&source, c.content_id);
+        let cursor_key = keys::cursor_key(&source);
+        let result: Result<(), TransactionError<()>> =
+            (&self.main, &today_tree).transaction(|(m, s)| {
+                for (seq, v) in &chunks {
+                    m.insert(&keys::seq_key(keys::CHUNK, *seq), v.as_slice())?;
+                }
+                m.insert(done_key.as_slice(), done_value.as_slice())?;
+                if let Some(cur) = &cursor {
+                    m.insert(cursor_key.as_slice(), json(cur))?;
+                }
+                m.insert(
+                    keys::meta_key(keys::meta::NEXT_CHUNK),
+                    &next_chunk.to_be_bytes(),
+                )?;
+                m.insert(keys::meta_key(keys::meta::FIGURES), figures_json.as_slice())?;
+                for id in &new_ids {
+                    s.insert(id.as_slice(), &[])?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
+        result.map_err(|e| match e {
+            TransactionError::Storage(e) => SpoolError::Db(e),
+            TransactionError::Abort(()) => SpoolError::Corrupt("transaction aborted".into()),
+        })?;
+        self.make_durable(&format!("blob {source} {}", c.content_id))?;
+        inner.next_chunk = next_chunk;
+        inner.figures = figures;
+        if spooled > 0 && inner.oldest_unbatched.is_none() {
+            inner.oldest_unbatched = Some(Instant::now());
+        }
+        Ok(CommitOutcome {
+            spooled,
+            duplicates,
+        })
+    }
+
+    fn seen_before(seen: &BTreeMap<u32, sled::Tree>, key: &[u8]) -> Result<bool, SpoolError> {
+        for tree in seen.values().rev() {
+            if tree.contains_key(key)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn merged_cursor(&self, source: &str, new: &Cursor) -> Result<Cursor, SpoolError> {
+        let mut merged = new.clone();
+        if let Some(old) = self.cursor_by_source(source)? {
+            if old.listed_until > new.listed_until {
+                log::warn!(
+                    "cursor of {source} would move back from {} to {}; kept",
+                    old.listed_until,
+                    new.listed_until
+                );
+                merged.listed_until = old.listed_until;
+            }
+            merged.first_content_seen |= old.first_content_seen;
+        }
+        Ok(merged)
+    }
+
+    fn cursor_by_source(&self, source: &str) -> Result<Option<Cursor>, SpoolError> {
+        match self.main.get(keys::cursor_key(source))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| SpoolError::Corrupt(format!("cursor of {source}: {e}"))),
+        }
+    }
+
+    /// The stored cursor of a tenant × content type.
+    pub fn cursor(
+        &self,
+        tenant_id: &str,
+        content_type: &str,
+    ) -> Result<Option<Cursor>, SpoolError> {
+        self.cursor_by_source(&format!("{tenant_id}/{content_type}"))
+    }
+
+    /// Stores a cursor durably (never moving `listed_until` back).
+    pub fn set_cursor(
+        &self,
+        tenant_id: &str,
+        content_type: &str,
+        cursor: &Cursor,
+    ) -> Result<(), SpoolError> {
+        let _inner = self.lock();
+        let source = format!("{tenant_id}/{content_type}");
+        let merged = self.merged_cursor(&source, cursor)?;
+        self.main.insert(keys::cursor_key(&source), json(&merged))?;
+        self.make_durable(&format!("cursor {source}"))
+    }
+
+    /// Whether a blob is already done (spooled, expired or quarantined).
+    pub fn is_done(
+        &self,
+        tenant_id: &str,
+        content_type: &str,
+        content_id: &str,
+    ) -> Result<bool, SpoolError> {
+        Ok(self.main.contains_key(keys::done_key(
+            &format!("{tenant_id}/{content_type}"),
+            content_id,
+        ))?)
+    }
+
+    /// Marks a blob done without records (expired or quarantined), with an optional quarantine item,
+    /// atomically and durably.
+    pub fn mark_done(
+        &self,
+        tenant_id: &str,
+        content_type: &str,
+        content_id: &str,
+        expires_unix: i64,
+        kind: DoneKind,
+        quarantine: Option<QuarantineItem>,
+    ) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        let source = format!("{tenant_id}/{content_type}");
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            keys::done_key(&source, content_id),
+            done_value(expires_unix, kind).to_vec(),
+        );
+        let mut figures = inner.figures.clone();
+        let mut next_q = inner.next_quarantine;
+        if let Some(item) = &quarantine {
+            let v = json(item);
+            figures.quarantined_items += 1;
+            figures.quarantined_bytes += v.len() as u64;
+            batch.insert(keys::seq_key(keys::QUARANTINE, next_q).to_vec(), v);
+            next_q += 1;
+            batch.insert(
+                keys::meta_key(keys::meta::NEXT_QUARANTINE),
+                next_q.to_be_bytes().to_vec(),
+            );
+            batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
+        }
+        self.main.apply_batch(batch)?;
+        self.make_durable(&format!("done {source} {content_id}"))?;
+        inner.figures = figures;
+        inner.next_quarantine = next_q;
+        Ok(())
+    }
+
+    /// Removes done-marks whose content expired more than a day ago (they can no longer be listed).
+    pub fn prune_done_marks(&self) -> Result<u64, SpoolError> {
+        let limit = now_unix() - 86_400;
+        let mut removed = 0;
+        for kv in self.main.scan_prefix([keys::DONE]) {
+            let (k, v) = kv?;
+            let expires = v
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(i64::from_be_bytes)
+                .unwrap_or(0);
+            if expires < limit {
+                self.main.remove(k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Drops whole days of seen Ids older than the dedup window: one tree per day, so expiry costs one
+    /// `drop_tree`, not one delete per Id.
+    pub fn expire_seen(&self) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        let oldest_kept = day_of(now_unix()).saturating_sub(self.opts.dedup_days);
+        let old: Vec<u32> = inner.seen.range(..oldest_kept).map(|(d, _)| *d).collect();
+        for day in old {
+            inner.seen.remove(&day);
+            self.db.drop_tree(keys::seen_tree_name(day))?;
+        }
+        Ok(())
+    }
+
+    /// The spool's figures.
+    pub fn figures(&self) -> Figures {
+        self.lock().figures.clone()
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// The configured cap.
+    pub fn max_bytes(&self) -> u64 {
+        self.opts.max_bytes
+    }
+
+    /// Whether the stored bytes reached the cap (collection must pause).
+    pub fn is_full(&self) -> bool {
+        let f = self.figures();
+        f.stored_bytes + f.quarantined_bytes >= self.opts.max_bytes
+    }
+
+    /// Fill level in [0, 1+].
+    pub fn fill_ratio(&self) -> f64 {
+        let f = self.figures();
+        (f.stored_bytes + f.quarantined_bytes) as f64 / self.opts.max_bytes.max(1) as f64
+    }
+
+    /// Batches cut and not yet acknowledged, in sequence order (resent first after a restart).
+    pub fn pending_batches(&self) -> Result<Vec<BatchDesc>, SpoolError> {
+        let mut out = Vec::new();
+        for kv in self.main.scan_prefix([keys::BATCH]) {
+            let (_, v) = kv?;
+            out.push(
+                serde_json::from_slice(&v)
+                    .map_err(|e| SpoolError::Corrupt(format!("batch: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Reads the NDJSON of records in `[start, end)`, or from `start` within `limits` when `end` is None.
+    /// Returns the lines, the end position and the record count.
+    fn read_range(
+        &self,
+        start: Pos,
+        end: Option<Pos>,
+        limits: Option<(u64, u64)>,
+    ) -> Result<(Vec<u8>, Pos, u64, Pos), SpoolError> {
+        let mut out = Vec::new();
+        let mut taken = 0u64;
+        let mut last = start;
+        let mut first_taken = start;
+        let from = keys::seq_key(keys::CHUNK, start.chunk);
+        let to = keys::seq_key(keys::CHUNK, end.map(|e| e.chunk).unwrap_or(u64::MAX));
+        'chunks: for kv in self.main.range(from..=to) {
+            let (k, v) = kv?;
+            let seq = keys::seq_of(&k).ok_or_else(|| SpoolError::Corrupt("chunk key".into()))?;
+            let (h, lines) = chunk::decode(&v)?;
+            let first = if seq == start.chunk { start.record } else { 0 };
+            let stop = match end {
+                Some(e) if e.chunk == seq => e.record.min(h.records),
+                _ => h.records,
+            };
+            last = Pos {
+                chunk: seq,
+                record: first.max(stop.min(h.records)),
+            };
+            for (i, rec) in chunk::records(&lines).enumerate() {
+                let i = i as u32;
+                if i < first || i >= stop {
+                    continue;
+                }
+                if let Some((max_records, max_raw)) = limits {
+                    if taken > 0
+                        && (taken + 1 > max_records || (out.len() + rec.len()) as u64 > max_raw)
+                    {
+                        last = Pos {
+                            chunk: seq,
+                            record: i,
+                        };
+                        break 'chunks;
+                    }
+                }
+                if taken == 0 {
+                    first_taken = Pos {
+                        chunk: seq,
+                        record: i,
+                    };
+                }
+                out.extend_from_slice(rec);
+                taken += 1;
+                last = Pos {
+                    chunk: seq,
+                    record: i + 1,
+                };
+            }
+        }
+        Ok((out, last, taken, first_taken))
+    }
+
+    /// The NDJSON body of a batch: the same records in the same order on every call.
+    pub fn read_batch(&self, desc: &BatchDesc) -> Result<Vec<u8>, SpoolError> {
+        let (lines, _, n, _) = self.read_range(desc.start, Some(desc.end), None)?;
+        if n != desc.records {
+            return Err(SpoolError::Corrupt(format!(
+                "batch {} covers {} records but {} are readable",
+                desc.seq, desc.records, n
+            )));
+        }
+        Ok(lines)
+    }
+
+    /// Cuts the next batch from unbatched records, if there are enough of them or the oldest waited
+    /// `limits.linger` (or `force`). The descriptor and the next batch number are durable on return.
+    pub fn cut_batch(
+        &self,
+        limits: &BatchLimits,
+        force: bool,
+    ) -> Result<Option<(BatchDesc, Vec<u8>)>, SpoolError> {
+        let mut inner = self.lock();
+        let f = &inner.figures;
+        if f.unbatched_records == 0 {
+            return Ok(None);
+        }
+        let full = f.unbatched_records >= limits.max_records
+            || f.unbatched_raw_bytes >= limits.max_raw_bytes;
+        let waited = inner
+            .oldest_unbatched
+            .map(|t| t.elapsed() >= limits.linger)
+            .unwrap_or(true);
+        if !(force || full || waited) {
+            return Ok(None);
+        }
+        let start = inner.batch_pos;
+        let (lines, end, n, start) = self.read_range(
+            start,
+            None,
+            Some((limits.max_records, limits.max_raw_bytes)),
+        )?;
+        if n == 0 {
+            return Err(SpoolError::Corrupt(format!(
+                "{} records counted as unbatched but none readable from chunk {}",
+                inner.figures.unbatched_records, start.chunk
+            )));
+        }
+        let desc = BatchDesc {
+            seq: inner.next_batch,
+            start,
+            end,
+            records: n,
+            raw_bytes: lines.len() as u64,
+        };
+        let mut figures = inner.figures.clone();
+        figures.unbatched_records = figures.unbatched_records.saturating_sub(n);
+        figures.unbatched_raw_bytes = figures.unbatched_raw_bytes.saturating_sub(desc.raw_bytes);
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::seq_key(keys::BATCH, desc.seq).to_vec(), json(&desc));
+        batch.insert(
+            keys::meta_key(keys::meta::NEXT_BATCH),
+            (desc.seq + 1).to_be_bytes().to_vec(),
+        );
+        batch.insert(
+            keys::meta_key(keys::meta::BATCH_POS),
+            pos_bytes(end).to_vec(),
+        );
+        batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
+        self.main.apply_batch(batch)?;
+        self.make_durable(&format!("batch {}", desc.seq))?;
+        inner.next_batch = desc.seq + 1;
+        inner.batch_pos = end;
+        inner.oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
+        inner.figures = figures;
+        Ok(Some((desc, lines)))
+    }
+
+    /// Deletes an acknowledged batch and every chunk no other batch still needs. Idempotent.
+    pub fn ack_batch(&self, seq: u64) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        let Some(desc) = self.batch(seq)? else {
+            return Ok(());
+        };
+        let mut figures = inner.figures.clone();
+        figures.pending_records = figures.pending_records.saturating_sub(desc.records);
+        figures.pending_raw_bytes = figures.pending_raw_bytes.saturating_sub(desc.raw_bytes);
+        let mut batch = sled::Batch::default();
+        batch.remove(keys::seq_key(keys::BATCH, seq).to_vec());
+        self.free_chunks(&inner, seq, &mut batch, &mut figures)?;
+        batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
+        self.main.apply_batch(batch)?;
+        // A lost deletion only causes a resend, answered 409: sled's flush suffices here.
+        self.db.flush()?;
+        inner.figures = figures;
+        Ok(())
+    }
+
+    fn batch(&self, seq: u64) -> Result<Option<BatchDesc>, SpoolError> {
+        match self.main.get(keys::seq_key(keys::BATCH, seq))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| SpoolError::Corrupt(format!("batch {seq}: {e}"))),
+        }
+    }
+
+    /// Adds to `batch` the removal of chunks wholly before every remaining batch and the batch cursor.
+    fn free_chunks(
+        &self,
+        inner: &Inner,
+        leaving: u64,
+        batch: &mut sled::Batch,
+        figures: &mut Figures,
+    ) -> Result<(), SpoolError> {
+        let pos = inner.batch_pos;
+        let consumed = match self.main.get(keys::seq_key(keys::CHUNK, pos.chunk))? {
+            Some(v) => chunk::header(&v)?.records <= pos.record,
+            None => false,
+        };
+        let mut bound = if consumed { pos.chunk + 1 } else { pos.chunk };
+        for d in self.pending_batches()? {
+            if d.seq != leaving {
+                bound = bound.min(d.start.chunk);
+            }
+        }
+        for kv in self
+            .main
+            .range(keys::seq_key(keys::CHUNK, 0)..keys::seq_key(keys::CHUNK, bound))
+        {
+            let (k, v) = kv?;
+            figures.stored_bytes = figures.stored_bytes.saturating_sub(v.len() as u64);
+            batch.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Replaces a batch the backend found too large by two halves with new numbers. Returns `None` for a
+    /// batch of one record (the caller quarantines it).
+    pub fn split_batch(&self, seq: u64) -> Result<Option<(BatchDesc, BatchDesc)>, SpoolError> {
+        let mut inner = self.lock();
+        let Some(desc) = self.batch(seq)? else {
+            return Ok(None);
+        };
+        if desc.records < 2 {
+            return Ok(None);
+        }
+        let half = desc.records / 2;
+        let (first_lines, mid, n1, _) =
+            self.read_range(desc.start, Some(desc.end), Some((half, u64::MAX)))?;
+        let a = BatchDesc {
+            seq: inner.next_batch,
+            start: desc.start,
+            end: mid,
+            records: n1,
+            raw_bytes: first_lines.len() as u64,
+        };
+        let b = BatchDesc {
+            seq: inner.next_batch + 1,
+            start: mid,
+            end: desc.end,
+            records: desc.records - n1,
+            raw_bytes: desc.raw_bytes.saturating_sub(a.raw_bytes),
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(keys::seq_key(keys::BATCH, seq).to_vec());
+        batch.insert(keys::seq_key(keys::BATCH, a.seq).to_vec(), json(&a));
+        batch.insert(keys::seq_key(keys::BATCH, b.seq).to_vec(), json(&b));
+        batch.insert(
+            keys::meta_key(keys::meta::NEXT_BATCH),
+            (b.seq + 1).to_be_bytes().to_vec(),
+        );
+        self.main.apply_batch(batch)?;
+        self.make_durable(&format!("split batch {seq} into {} and {}", a.seq, b.seq))?;
+        inner.next_batch = b.seq + 1;
+        Ok(Some((a, b)))
+    }
+
+    /// Moves a batch's records into quarantine (kept on disk, counted) and frees what it held.
+    pub fn quarantine_batch(&self, seq: u64, reason: &str) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        let Some(desc) = self.batch(seq)? else {
+            return Ok(());
+        };
+        let lines = self.read_batch(&desc)?;
+        let item = QuarantineItem {
+            reason: reason.to_string(),
+            origin: format!("batch {seq}"),
+            at: now_unix(),
+            records: desc.records,
+            payload: String::from_utf8_lossy(&lines).into_owned(),
+        };
+        let v = json(&item);
+        let mut figures = inner.figures.clone();
+        figures.pending_records = figures.pending_records.saturating_sub(desc.records);
+        figures.pending_raw_bytes = figures.pending_raw_bytes.saturating_sub(desc.raw_bytes);
+        figures.quarantined_items += 1;
+        figures.quarantined_bytes += v.len() as u64;
+        let mut batch = sled::Batch::default();
+        batch.remove(keys::seq_key(keys::BATCH, seq).to_vec());
+        batch.insert(
+            keys::seq_key(keys::QUARANTINE, inner.next_quarantine).to_vec(),
+            v,
+        );
+        batch.insert(
+            keys::meta_key(keys::meta::NEXT_QUARANTINE),
+            (inner.next_quarantine + 1).to_be_bytes().to_vec(),
+        );
+        self.free_chunks(&inner, seq, &mut batch, &mut figures)?;
+        batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
+        self.main.apply_batch(batch)?;
+        self.make_durable(&format!("quarantine batch {seq}"))?;
+        inner.next_quarantine += 1;
+        inner.figures = figures;
+        Ok(())
+    }
+
+    /// The quarantined items.
+    pub fn quarantine(&self) -> Result<Vec<QuarantineItem>, SpoolError> {
+        let mut out = Vec::new();
+        for kv in self.main.scan_prefix([keys::QUARANTINE]) {
+            let (_, v) = kv?;
+            out.push(
+                serde_json::from_slice(&v)
+                    .map_err(|e| SpoolError::Corrupt(format!("quarantine: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Flushes and fsyncs everything (shutdown).
+    pub fn close(&self) -> Result<(), SpoolError> {
+        let _inner = self.lock();
+        self.make_durable("close")
+    }
+}
+
+fn done_value(expires_unix: i64, kind: DoneKind) -> [u8; 9] {
+    let mut v = [0u8; 9];
+    v[..8].copy_from_slice(&expires_unix.to_be_bytes());
+    v[8] = kind as u8;
+    v
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,285 @@
+//! Unit tests and the model-based property test of the spool: random sequences of commit / cut / ack /
+//! split / quarantine / crash-and-reopen checked against an in-memory model.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const TENANT: &str = "11111111-1111-1111-1111-111111111111";
+
+fn opts() -> SpoolOptions {
+    SpoolOptions {
+        max_bytes: 1 << 30,
+        cache_bytes: 4 << 20,
+        dedup_days: 9,
+    }
+}
+
+fn record(id: u32) -> Vec<u8> {
+    format!(r#"{{"Id":"id-{id}","CreationTime":"2026-11-25T10:00:00","n":{id}}}"#).into_bytes()
+}
+
+fn commit(spool: &Spool, blob: &str, ids: &[u32]) -> CommitOutcome {
+    let bytes: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|i| (format!("id-{i}"), record(*i)))
+        .collect();
+    let recs: Vec<RawRecord<'_>> = bytes
+        .iter()
+        .map(|(id, b)| RawRecord { id, bytes: b })
+        .collect();
+    spool
+        .commit_blob(&BlobCommit {
+            tenant_id: TENANT,
+            content_type: "Audit.General",
+            content_id: blob,
+            expires_unix: now_unix() + 86_400,
+            collected_at: "2026-11-25T10:00:00Z",
+            records: &recs,
+            cursor: None,
+        })
+        .expect("commit")
+}
+
+fn ids_of(ndjson: &[u8]) -> Vec<String> {
+    chunk::records(ndjson)
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_slice(line).expect("envelope is JSON");
+            v["record"]["Id"].as_str().expect("Id").to_string()
+        })
+        .collect()
+}
+
+fn limits(max_records: u64) -> BatchLimits {
+    BatchLimits {
+        max_records,
+        max_raw_bytes: 1 << 20,
+        linger: Duration::ZERO,
+    }
+}
+
+#[test]
+fn a_second_spool_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = Spool::open(dir.path(), opts()).expect("open");
+    match Spool::open(dir.path(), opts()) {
+        Err(SpoolError::Locked(_)) => {}
+        Err(e) => panic!("expected Locked, got {e}"),
+        Ok(_) => panic!("second open succeeded"),
+    }
+}
+
+#[test]
+fn commit_dedups_within_and_across_blobs_and_marks_done() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    assert_eq!(
+        commit(&spool, "b1", &[1, 2, 2, 3]),
+        CommitOutcome {
+            spooled: 3,
+            duplicates: 1
+        }
+    );
+    assert_eq!(
+        commit(&spool, "b2", &[3, 4]),
+        CommitOutcome {
+            spooled: 1,
+            duplicates: 1
+        }
+    );
+    assert!(spool.is_done(TENANT, "Audit.General", "b1").expect("done"));
+    assert!(!spool.is_done(TENANT, "Audit.General", "b3").expect("done"));
+    drop(spool);
+    let spool = Spool::open(dir.path(), opts()).expect("reopen");
+    assert_eq!(
+        commit(&spool, "b3", &[1, 5]),
+        CommitOutcome {
+            spooled: 1,
+            duplicates: 1
+        }
+    );
+    assert_eq!(spool.figures().pending_records, 5);
+}
+
+#[test]
+fn large_blobs_span_chunks_and_batches_respect_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    let ids: Vec<u32> = (0..1500).collect();
+    commit(&spool, "big", &ids);
+    let mut seen = Vec::new();
+    while let Some((desc, body)) = spool.cut_batch(&limits(400), false).expect("cut") {
+        assert!(desc.records <= 400);
+        assert_eq!(spool.read_batch(&desc).expect("read"), body);
+        seen.extend(ids_of(&body));
+        spool.ack_batch(desc.seq).expect("ack");
+    }
+    let want: Vec<String> = ids.iter().map(|i| format!("id-{i}")).collect();
+    assert_eq!(seen, want);
+    let f = spool.figures();
+    assert_eq!((f.pending_records, f.stored_bytes), (0, 0), "{f:?}");
+}
+
+#[test]
+fn cursor_never_moves_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    let c = Cursor {
+        listed_until: 100,
+        ..Cursor::default()
+    };
+    spool.set_cursor(TENANT, "DLP.All", &c).expect("set");
+    spool
+        .set_cursor(
+            TENANT,
+            "DLP.All",
+            &Cursor {
+                listed_until: 50,
+                ..Cursor::default()
+            },
+        )
+        .expect("set");
+    assert_eq!(
+        spool
+            .cursor(TENANT, "DLP.All")
+            .expect("get")
+            .map(|c| c.listed_until),
+        Some(100)
+    );
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Commit(Vec<u32>),
+    Cut(u64),
+    Ack(usize),
+    Split(usize),
+    Quarantine(usize),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => proptest::collection::vec(0u32..60, 0..12).prop_map(Op::Commit),
+        3 => (1u64..6).prop_map(Op::Cut),
+        3 => (0usize..4).prop_map(Op::Ack),
+        1 => (0usize..4).prop_map(Op::Split),
+        1 => (0usize..4).prop_map(Op::Quarantine),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+#[derive(Default)]
+struct Model {
+    seen: HashSet<u32>,
+    unbatched: VecDeque<String>,
+    batches: BTreeMap<u64, Vec<String>>,
+    delivered: Vec<String>,
+    quarantined: Vec<String>,
+    max_seq: u64,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn spool_matches_its_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut spool = Spool::open(dir.path(), opts()).expect("open");
+        let mut m = Model::default();
+        for (n, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Commit(ids) => {
+                    let mut want = CommitOutcome::default();
+                    for id in &ids {
+                        if m.seen.insert(*id) {
+                            want.spooled += 1;
+                            m.unbatched.push_back(format!("id-{id}"));
+                        } else {
+                            want.duplicates += 1;
+                        }
+                    }
+                    prop_assert_eq!(commit(&spool, &format!("blob-{n}"), &ids), want);
+                }
+                Op::Cut(max) => {
+                    match spool.cut_batch(&limits(max), false).expect("cut") {
+                        None => prop_assert!(m.unbatched.is_empty()),
+                        Some((desc, body)) => {
+                            let take = (max as usize).min(m.unbatched.len());
+                            let want: Vec<String> = m.unbatched.drain(..take).collect();
+                            prop_assert_eq!(ids_of(&body), want.clone());
+                            prop_assert!(desc.seq > m.max_seq, "batch numbers increase");
+                            m.max_seq = desc.seq;
+                            m.batches.insert(desc.seq, want);
+                        }
+                    }
+                }
+                Op::Ack(i) => {
+                    if let Some(seq) = m.batches.keys().nth(i).copied() {
+                        spool.ack_batch(seq).expect("ack");
+                        let recs = m.batches.remove(&seq).unwrap_or_default();
+                        m.delivered.extend(recs);
+                    }
+                }
+                Op::Split(i) => {
+                    if let Some(seq) = m.batches.keys().nth(i).copied() {
+                        let recs = m.batches[&seq].clone();
+                        match spool.split_batch(seq).expect("split") {
+                            None => prop_assert!(recs.len() < 2),
+                            Some((a, b)) => {
+                                prop_assert!(a.seq > m.max_seq && b.seq > a.seq);
+                                m.max_seq = b.seq;
+                                let half = recs.len() / 2;
+                                m.batches.remove(&seq);
+                                m.batches.insert(a.seq, recs[..half].to_vec());
+                                m.batches.insert(b.seq, recs[half..].to_vec());
+                            }
+                        }
+                    }
+                }
+                Op::Quarantine(i) => {
+                    if let Some(seq) = m.batches.keys().nth(i).copied() {
+                        spool.quarantine_batch(seq, "test").expect("quarantine");
+                        let recs = m.batches.remove(&seq).unwrap_or_default();
+                        m.quarantined.extend(recs);
+                    }
+                }
+                Op::Reopen => {
+                    drop(spool);
+                    spool = Spool::open(dir.path(), opts()).expect("reopen");
+                }
+            }
+            // Every outstanding batch reads back exactly as cut, in order.
+            let pending = spool.pending_batches().expect("pending");
+            let seqs: Vec<u64> = pending.iter().map(|d| d.seq).collect();
+            let model_seqs: Vec<u64> = m.batches.keys().copied().collect();
+            prop_assert_eq!(seqs, model_seqs);
+            for d in &pending {
+                prop_assert_eq!(&ids_of(&spool.read_batch(d).expect("read")), &m.batches[&d.seq]);
+            }
+            let f = spool.figures();
+            let outstanding = m.unbatched.len() + m.batches.values().map(Vec::len).sum::<usize>();
+            prop_assert_eq!(f.pending_records as usize, outstanding);
+            prop_assert_eq!(f.unbatched_records as usize, m.unbatched.len());
+            prop_assert_eq!(f.quarantined_items as usize, spool.quarantine().expect("q").len());
+        }
+        // Conservation: everything committed is delivered, quarantined or still pending, exactly once.
+        while let Some((d, _)) = spool.cut_batch(&limits(1000), true).expect("cut") {
+            m.batches.insert(d.seq, m.unbatched.drain(..d.records as usize).collect());
+        }
+        for seq in m.batches.keys().copied().collect::<Vec<_>>() {
+            spool.ack_batch(seq).expect("ack");
+            m.delivered.extend(m.batches.remove(&seq).unwrap_or_default());
+        }
+        let mut all: Vec<String> = m.delivered.iter().chain(&m.quarantined).cloned().collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        prop_assert_eq!(all.len(), n, "no record twice");
+        prop_assert_eq!(n, m.seen.len(), "no record lost");
+        let f = spool.figures();
+        prop_assert_eq!((f.pending_records, f.stored_bytes), (0, 0));
+    }
+}

@@ -1,0 +1,350 @@
+//! Listeners: the TLS serving loop (which, unlike `sensor_testkit::serve_tls`, owns its connections so
+//! that taking the port down drops them), the main port's down/up lifecycle and the control API.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sensor_testkit::{PeerAddr, PeerCertificates};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+use tower::ServiceExt;
+
+use crate::config::{ReceiverConfig, ReceiverError};
+use crate::faults::{FaultState, Faults};
+use crate::truth::{State as TruthState, Summary};
+
+/// State shared by the handlers. Its mutexes are never held across `.await`.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub cfg: ReceiverConfig,
+    state: Mutex<TruthState>,
+    faults: Mutex<FaultState>,
+    up: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(cfg: ReceiverConfig) -> Self {
+        Self {
+            cfg,
+            state: Mutex::new(TruthState::default()),
+            faults: Mutex::new(FaultState::default()),
+            up: AtomicBool::new(false),
+        }
+    }
+
+    /// The ground truth (a poisoned lock is recovered: the state is plain counters).
+    pub fn lock_state(&self) -> MutexGuard<'_, TruthState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The fault state.
+    pub fn lock_faults(&self) -> MutexGuard<'_, FaultState> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The counters, with `up` filled in.
+    pub fn summary(&self) -> Summary {
+        let mut s = self.lock_state().summary.clone();
+        s.up = self.up.load(Ordering::SeqCst);
+        s
+    }
+}
+
+/// Serves `router` over TLS on `listener` until the returned task is aborted; aborting it drops the
+/// listener and every connection it accepted (their tasks live in the task's `JoinSet`).
+pub(crate) fn serve(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    router: Router,
+) -> JoinHandle<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            conns.spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        log::debug!("TLS handshake with {peer} failed: {e}");
+                        return;
+                    }
+                };
+                let peer_certs = PeerCertificates(
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                        .unwrap_or_default(),
+                );
+                let service = hyper::service::service_fn(move |mut req| {
+                    req.extensions_mut().insert(peer_certs.clone());
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    router.clone().oneshot(req.map(axum::body::Body::new))
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                    .await
+                {
+                    log::debug!("connection from {peer} ended: {e}");
+                }
+            });
+        }
+    })
+}
+
+/// The main port: bound address, TLS config and router, and the serving task while up.
+pub(crate) struct MainPort {
+    pub addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    /// Serializes down/up transitions (held across `.await`; it guards no data).
+    transition: tokio::sync::Mutex<()>,
+    /// Bumped by every transition; a timed re-up fires only if nothing happened since its `down`.
+    generation: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl MainPort {
+    /// Binds `addr` and starts serving.
+    pub async fn start(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        router: Router,
+        shared: Arc<Shared>,
+    ) -> Result<Arc<Self>, ReceiverError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ReceiverError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ReceiverError::Bind { addr, source })?;
+        let task = serve(listener, tls.clone(), router.clone());
+        shared.up.store(true, Ordering::SeqCst);
+        Ok(Arc::new(Self {
+            addr,
+            tls,
+            router,
+            shared,
+            task: Mutex::new(Some(task)),
+            transition: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    fn take_task(&self) -> Option<JoinHandle<()>> {
+        self.task.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Closes the port and drops its connections. With `for_`, re-binds the same port after that time
+    /// (zero: at once) unless another transition happened meanwhile.
+    pub async fn down(self: &Arc<Self>, for_: Option<Duration>) -> Result<(), ReceiverError> {
+        let generation = {
+            let _t = self.transition.lock().await;
+            let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some(task) = self.take_task() {
+                task.abort();
+                let _ = task.await;
+            }
+            self.shared.up.store(false, Ordering::SeqCst);
+            generation
+        };
+        log::info!("main port {} down for {for_:?}", self.addr);
+        match for_ {
+            Some(d) if d.is_zero() => self.up().await,
+            Some(d) => {
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    if me.generation.load(Ordering::SeqCst) == generation {
+                        if let Err(e) = me.up().await {
+                            log::error!("re-binding the main port failed: {e}");
+                        }
+                    }
+                });
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Re-binds the same port (retrying briefly) if it is down.
+    pub async fn up(&self) -> Result<(), ReceiverError> {
+        let _t = self.transition.lock().await;
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(ReceiverError::Shutdown);
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+        {
+            return Ok(());
+        }
+        let mut attempt = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if attempt < 40 => {
+                    attempt += 1;
+                    log::debug!("re-binding {} failed ({e}); retrying", self.addr);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(source) => {
+                    return Err(ReceiverError::Bind {
+                        addr: self.addr,
+                        source,
+                    })
+                }
+            }
+        };
+        let task = serve(listener, self.tls.clone(), self.router.clone());
+        *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        self.shared.up.store(true, Ordering::SeqCst);
+        log::info!("main port {} up", self.addr);
+        Ok(())
+    }
+
+    /// Stops serving for good (used when the handle is dropped).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(task) = self.take_task() {
+            task.abort();
+        }
+        self.shared.up.store(false, Ordering::SeqCst);
+    }
+}
+
+/// State of the control API.
+#[derive(Clone)]
+struct Control {
+    shared: Arc<Shared>,
+    main: Arc<MainPort>,
+}
+
+/// Body of `POST /_rx/down`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DownRequest {
+    for_ms: Option<u64>,
+    indefinitely: bool,
+}
+
+/// The control API router (`/_rx/...`).
+pub(crate) fn control_router(shared: Arc<Shared>, main: Arc<MainPort>) -> Router {
+    Router::new()
+        .route("/_rx/summary", get(summary))
+        .route("/_rx/truth", get(truth))
+        .route("/_rx/faults", get(get_faults).post(set_faults))
+        .route("/_rx/down", post(down))
+        .route("/_rx/up", post(up))
+        .with_state(Control { shared, main })
+}
+
+async fn summary(State(c): State<Control>) -> Json<Summary> {
+    Json(c.shared.summary())
+}
+
+async fn truth(State(c): State<Control>) -> Response {
+    let shared = Arc::clone(&c.shared);
+    // Building and serializing a million records takes a while: off the async threads.
+    match tokio::task::spawn_blocking(move || serde_json::to_vec(&shared.lock_state().truth()))
+        .await
+    {
+        Ok(Ok(body)) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_faults(State(c): State<Control>) -> Json<Faults> {
+    Json(c.shared.lock_faults().current())
+}
+
+async fn set_faults(State(c): State<Control>, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(f) => {
+            log::info!("faults set: {f:?}");
+            c.shared.lock_faults().set(f);
+            Json(c.shared.lock_faults().current()).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("bad faults: {e}")),
+    }
+}
+
+async fn down(State(c): State<Control>, body: axum::body::Bytes) -> Response {
+    let req: DownRequest = if body.is_empty() {
+        DownRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad down request: {e}")),
+        }
+    };
+    let for_ = match (req.indefinitely, req.for_ms) {
+        (true, None) => None,
+        (false, Some(ms)) => Some(Duration::from_millis(ms)),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of for_ms or indefinitely:true".to_string(),
+            )
+        }
+    };
+    match c.main.down(for_).await {
+        Ok(()) => Json(c.shared.summary_up()).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn up(State(c): State<Control>) -> Response {
+    match c.main.up().await {
+        Ok(()) => Json(c.shared.summary_up()).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+impl Shared {
+    /// `{"up":bool}`, the answer of the down/up endpoints.
+    fn summary_up(&self) -> serde_json::Value {
+        serde_json::json!({ "up": self.up.load(Ordering::SeqCst) })
+    }
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}

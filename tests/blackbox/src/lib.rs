@@ -1,0 +1,413 @@
+//! The black-box rig: starts the real `m365-sim`, `backend-receiver` and `m365-sensor` binaries as
+//! processes on loopback, over real TLS, and reads the rigs' ground truth through their control APIs.
+//!
+//! Invariant: every address is 127.0.0.1; every process is killed when its handle drops.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// The directory holding the workspace's binaries (`target/<profile>`), found from the test executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The path of a workspace binary; fails with the fix when it was not built.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: run `cargo build --workspace --bins` first (`make test` does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A blocking HTTPS client trusting only `ca_pem`.
+pub fn client(ca_pem: &str) -> Result<reqwest::blocking::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.context("CA PEM")?)?;
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+fn read_when_ready(dir: &Path, file: &str, child: &mut Child, what: &str) -> Result<String> {
+    wait_for(Duration::from_secs(60), what, || {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(Err(anyhow::anyhow!("{what} exited early: {status}")));
+        }
+        std::fs::read_to_string(dir.join(file))
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| Ok(s.trim().to_string()))
+    })?
+}
+
+/// A running process, killed on drop.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Its stderr log.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: PathBuf) -> Result<Proc> {
+        let f = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawning")?;
+        Ok(Proc { child, log })
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let c = &mut self.child;
+        wait_for(timeout, "the process to exit after SIGTERM", || {
+            c.try_wait().ok().flatten()
+        })
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The Microsoft 365 simulator as a process.
+pub struct Sim {
+    /// The process.
+    pub proc: Proc,
+    /// Its base URL.
+    pub url: String,
+    /// Its CA file.
+    pub ca_file: PathBuf,
+    http: reqwest::blocking::Client,
+}
+
+impl Sim {
+    /// Starts the simulator with `scenario` (TOML) in `dir/sim`.
+    pub fn start(dir: &Path, scenario: &str) -> Result<Sim> {
+        let out = dir.join("sim");
+        std::fs::create_dir_all(&out)?;
+        let sc = dir.join("scenario.toml");
+        std::fs::write(&sc, scenario)?;
+        let mut proc = Proc::spawn(
+            Command::new(bin("m365-sim")?)
+                .args(["--listen", "127.0.0.1:0", "--scenario"])
+                .arg(&sc)
+                .arg("--out-dir")
+                .arg(&out),
+            dir.join("sim.log"),
+        )?;
+        let url = read_when_ready(&out, "url", &mut proc.child, "m365-sim")?;
+        let ca_file = out.join("ca.pem");
+        let http = client(&std::fs::read_to_string(&ca_file)?)?;
+        Ok(Sim {
+            proc,
+            url,
+            ca_file,
+            http,
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()?
+            .error_for_status()?
+            .json()?)
+    }
+
+    fn post(&self, path: &str, body: Value) -> Result<()> {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// `/_sim/truth`.
+    pub fn truth(&self) -> Result<Value> {
+        self.get("/_sim/truth")
+    }
+
+    /// `/_sim/stats`.
+    pub fn stats(&self) -> Result<Value> {
+        self.get("/_sim/stats")
+    }
+
+    /// Turns live generation on or off.
+    pub fn set_generation(&self, enabled: bool) -> Result<()> {
+        self.post(
+            "/_sim/generation",
+            serde_json::json!({ "enabled": enabled }),
+        )
+    }
+
+    /// Replaces a tenant's faults.
+    pub fn set_faults(&self, tenant_id: &str, faults: Value) -> Result<()> {
+        self.post(
+            "/_sim/faults",
+            serde_json::json!({ "tenant_id": tenant_id, "faults": faults }),
+        )
+    }
+
+    /// Changes a tenant's settings at run time (`/_sim/tenant`).
+    pub fn set_tenant(&self, body: Value) -> Result<()> {
+        self.post("/_sim/tenant", body)
+    }
+}
+
+/// The reference backend receiver as a process.
+pub struct Receiver {
+    /// The process.
+    pub proc: Proc,
+    /// Ingest base URL.
+    pub url: String,
+    /// Control base URL.
+    pub control_url: String,
+    /// Its CA file.
+    pub ca_file: PathBuf,
+    /// The bearer token file the sensor uses.
+    pub token_file: PathBuf,
+    http: reqwest::blocking::Client,
+}
+
+impl Receiver {
+    /// Starts the receiver in `dir/rx` with a bearer token.
+    pub fn start(dir: &Path) -> Result<Receiver> {
+        let out = dir.join("rx");
+        std::fs::create_dir_all(&out)?;
+        let token_file = dir.join("backend.token");
+        std::fs::write(&token_file, format!("tok-{}\n", uuid::Uuid::new_v4()))?;
+        set_mode(&token_file, 0o600)?;
+        let mut proc = Proc::spawn(
+            Command::new(bin("backend-receiver")?)
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--control-listen",
+                    "127.0.0.1:0",
+                    "--out-dir",
+                ])
+                .arg(&out)
+                .arg("--token-file")
+                .arg(&token_file),
+            dir.join("rx.log"),
+        )?;
+        let url = read_when_ready(&out, "url", &mut proc.child, "backend-receiver")?;
+        let control_url = std::fs::read_to_string(out.join("control_url"))?
+            .trim()
+            .to_string();
+        let ca_file = out.join("ca.pem");
+        let http = client(&std::fs::read_to_string(&ca_file)?)?;
+        Ok(Receiver {
+            proc,
+            url,
+            control_url,
+            ca_file,
+            token_file,
+            http,
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.control_url))
+            .send()?
+            .error_for_status()?
+            .json()?)
+    }
+
+    /// Posts to the control API.
+    pub fn control(&self, path: &str, body: Value) -> Result<()> {
+        self.http
+            .post(format!("{}{path}", self.control_url))
+            .json(&body)
+            .send()?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// `/_rx/summary`.
+    pub fn summary(&self) -> Result<Value> {
+        self.get("/_rx/summary")
+    }
+
+    /// `/_rx/truth`.
+    pub fn truth(&self) -> Result<Value> {
+        self.get("/_rx/truth")
+    }
+}
+
+/// Sets a file's mode.
+pub fn set_mode(p: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// A tenant for the sensor's configuration.
+#[derive(Clone, Debug)]
+pub struct TenantSpec {
+    /// Label.
+    pub name: String,
+    /// Tenant id.
+    pub tenant_id: String,
+    /// Client id.
+    pub client_id: String,
+    /// The secret value, or None for a certificate credential.
+    pub secret: Option<String>,
+    /// Certificate and key files for a certificate credential.
+    pub certificate: Option<(PathBuf, PathBuf)>,
+    /// Content types.
+    pub content_types: Vec<String>,
+    /// Extra TOML lines for the tenant table.
+    pub extra: String,
+}
+
+/// Writes a sensor configuration in `dir/sensor.toml` pointing at `sim` and `rx`.
+pub fn write_config(
+    dir: &Path,
+    sim: &Sim,
+    rx: &Receiver,
+    tenants: &[TenantSpec],
+    extra_backend: &str,
+    extra_top: &str,
+) -> Result<PathBuf> {
+    let mut t = format!(
+        "state_dir = \"{}\"\n{extra_top}\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nbatch_linger_ms = 200\n{extra_backend}\n",
+        dir.join("state").display(),
+        rx.url,
+        rx.token_file.display(),
+        rx.ca_file.display()
+    );
+    for s in tenants {
+        let cred = match (&s.secret, &s.certificate) {
+            (Some(secret), _) => {
+                let f = dir.join(format!("{}.secret", s.name));
+                std::fs::write(&f, secret)?;
+                set_mode(&f, 0o600)?;
+                format!("client_secret_file = \"{}\"", f.display())
+            }
+            (None, Some((c, k))) => format!(
+                "certificate_file = \"{}\"\nprivate_key_file = \"{}\"",
+                c.display(),
+                k.display()
+            ),
+            (None, None) => bail!("tenant {} has no credential", s.name),
+        };
+        let cts: Vec<String> = s.content_types.iter().map(|c| format!("\"{c}\"")).collect();
+        t.push_str(&format!(
+            "\n[[tenant]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\n{cred}\ncloud = \"commercial\"\ncontent_types = [{}]\nbackfill_hours = 24\npoll_interval_secs = 1\nlogin_url = \"{}\"\napi_url = \"{}\"\nca_file = \"{}\"\nrequest_timeout_secs = 5\n{}\n",
+            s.name,
+            s.tenant_id,
+            s.client_id,
+            cts.join(", "),
+            sim.url,
+            sim.url,
+            sim.ca_file.display(),
+            s.extra
+        ));
+    }
+    let p = dir.join("sensor.toml");
+    std::fs::write(&p, t)?;
+    Ok(p)
+}
+
+/// Starts `m365-sensor run --config <config>`; its stderr goes to `dir/sensor-<n>.log`.
+pub fn start_sensor(dir: &Path, config: &Path, n: usize) -> Result<Proc> {
+    Proc::spawn(
+        Command::new(bin("m365-sensor")?)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("M365_SENSOR_LOG", "info"),
+        dir.join(format!("sensor-{n}.log")),
+    )
+}
+
+/// Reads the sensor's status document.
+pub fn sensor_status(dir: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(dir.join("state/status.json")).ok()?).ok()
+}
+
+/// Ground-truth comparison of one run: every expected record delivered exactly once, byte-identical to a
+/// variant Microsoft served, and nothing delivered that was not served.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Expected records.
+    pub expected: usize,
+    /// Delivered distinct records.
+    pub delivered: usize,
+    /// Expected but not delivered.
+    pub missing: Vec<String>,
+    /// Delivered more than once.
+    pub duplicated: Vec<String>,
+    /// Delivered bytes matching no served variant.
+    pub altered: Vec<String>,
+    /// Delivered but never served.
+    pub invented: Vec<String>,
+}
+
+impl Verdict {
+    /// Whether the run was perfect.
+    pub fn is_exact(&self) -> bool {
+        self.missing.is_empty()
+            && self.duplicated.is_empty()
+            && self.altered.is_empty()
+            && self.invented.is_empty()
+    }
+}
