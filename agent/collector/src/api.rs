@@ -19,6 +19,10 @@ use crate::window::Window;
 
 /// Most pages followed for one window.
 pub const MAX_PAGES: usize = 10_000;
+/// Throttling answers waited out in place before the error reaches the collector.
+pub const THROTTLE_RETRIES: u32 = 8;
+/// Transient failures of a listing or subscription call retried in place.
+pub const LIST_RETRIES: u32 = 3;
 /// Cap on error and listing bodies.
 const SMALL_BODY_CAP: u64 = 16 * 1024 * 1024;
 
@@ -185,7 +189,7 @@ pub fn classify(status: u16, body: &[u8], pause: impl FnOnce() -> Duration) -> A
     };
     if both.contains("DataServiceException") && both.contains("does not exist") {
         let tenant_line = both
-            .split("Exception: ")
+            .split("DataServiceException: ")
             .nth(1)
             .and_then(|s| s.lines().next())
             .unwrap_or("Tenant does not exist.")
@@ -375,13 +379,43 @@ impl ApiClient {
         }
     }
 
+    /// [`Self::send`], retried in place: throttling up to [`THROTTLE_RETRIES`] times (the limiter makes
+    /// every request of the tenant wait out the pause), and 5xx or transport errors up to
+    /// `transient_retries` times with a jittered back-off of 1 s doubling.
+    async fn send_retrying(
+        &self,
+        method: Method,
+        url: &str,
+        cap: u64,
+        transient_retries: u32,
+    ) -> Result<(HeaderMap, Vec<u8>), ApiError> {
+        let (mut throttled, mut transient) = (0u32, 0u32);
+        loop {
+            match self.send(method.clone(), url, cap).await {
+                Err(ApiError::Throttled { .. }) if throttled < THROTTLE_RETRIES => throttled += 1,
+                Err(e) if e.is_transient() && transient < transient_retries => {
+                    transient += 1;
+                    let ms = 1000u64 << transient.min(6);
+                    tokio::time::sleep(Duration::from_millis(
+                        ms / 2 + rand::random::<u64>() % (ms / 2),
+                    ))
+                    .await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Starts the subscription of `content_type` (no webhook). "Already enabled" (AF20024) is success.
     pub async fn start_subscription(&self, content_type: &str) -> Result<(), ApiError> {
         let url = format!(
             "{}/subscriptions/start?contentType={content_type}",
             self.root
         );
-        match self.send(Method::POST, &url, SMALL_BODY_CAP).await {
+        match self
+            .send_retrying(Method::POST, &url, SMALL_BODY_CAP, LIST_RETRIES)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(ApiError::Client { code, .. }) if code == "AF20024" => Ok(()),
             Err(e) => Err(e),
@@ -391,7 +425,9 @@ impl ApiClient {
     /// Lists the tenant's subscriptions.
     pub async fn list_subscriptions(&self) -> Result<Vec<Subscription>, ApiError> {
         let url = format!("{}/subscriptions/list", self.root);
-        let (_, body) = self.send(Method::GET, &url, SMALL_BODY_CAP).await?;
+        let (_, body) = self
+            .send_retrying(Method::GET, &url, SMALL_BODY_CAP, LIST_RETRIES)
+            .await?;
         serde_json::from_slice(&body).map_err(|e| ApiError::BadResponse {
             what: "subscriptions/list",
             text: e.to_string(),
@@ -414,7 +450,9 @@ impl ApiClient {
         let mut items = Vec::new();
         let mut seen_pages = HashSet::new();
         for _ in 0..MAX_PAGES {
-            let (headers, body) = self.send(Method::GET, &url, SMALL_BODY_CAP).await?;
+            let (headers, body) = self
+                .send_retrying(Method::GET, &url, SMALL_BODY_CAP, LIST_RETRIES)
+                .await?;
             let page: Vec<ContentItem> =
                 serde_json::from_slice(&body).map_err(|e| ApiError::BadResponse {
                     what: "subscriptions/content",
@@ -448,7 +486,7 @@ impl ApiClient {
 
     /// Fetches a content blob, capped at the tenant's `max_blob_bytes`.
     pub async fn fetch_blob(&self, content_uri: &str) -> Result<Vec<u8>, ApiError> {
-        self.send(Method::GET, content_uri, self.max_blob_bytes)
+        self.send_retrying(Method::GET, content_uri, self.max_blob_bytes, 0)
             .await
             .map(|(_, b)| b)
     }

@@ -105,12 +105,19 @@ impl Collector {
         }
     }
 
+    /// The pause after a failed cycle: Microsoft's throttling pause; for transient failures the poll
+    /// interval doubling up to 60 s; for failures a person must fix (credentials, consent, audit) up to
+    /// 5 min. Jittered so content types and tenants do not retry in step.
     fn backoff(&self, e: &ApiError, poll: Duration) -> Duration {
         if let ApiError::Throttled { pause, .. } = e {
             return *pause;
         }
+        let cap = if e.is_transient() {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(300)
+        };
         let exp = poll.saturating_mul(1u32 << self.consecutive_errors.min(8));
-        let cap = Duration::from_secs(300);
         let base = exp.min(cap).max(poll.min(cap));
         base / 2 + Duration::from_millis(rand::random::<u64>() % (base.as_millis() as u64 / 2 + 1))
     }

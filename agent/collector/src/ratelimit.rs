@@ -3,7 +3,9 @@
 //! Invariant: no request of the tenant starts before both allow it.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// The tenant's limiter.
 #[derive(Debug)]

@@ -314,9 +314,42 @@ pub struct TenantSpec {
     pub certificate: Option<(PathBuf, PathBuf)>,
     /// Content types.
     pub content_types: Vec<String>,
+    /// How far back the first start reaches.
+    pub backfill_hours: u32,
     /// Extra TOML lines for the tenant table.
     pub extra: String,
 }
+
+impl TenantSpec {
+    /// A client-secret tenant collecting `content_types`, with a 24 h backfill.
+    pub fn with_secret(
+        name: &str,
+        tenant_id: &str,
+        client_id: &str,
+        secret: &str,
+        content_types: &[&str],
+    ) -> Self {
+        TenantSpec {
+            name: name.into(),
+            tenant_id: tenant_id.into(),
+            client_id: client_id.into(),
+            secret: Some(secret.into()),
+            certificate: None,
+            content_types: content_types.iter().map(|s| s.to_string()).collect(),
+            backfill_hours: 24,
+            extra: String::new(),
+        }
+    }
+}
+
+/// All five content types.
+pub const ALL_CONTENT_TYPES: [&str; 5] = [
+    "Audit.AzureActiveDirectory",
+    "Audit.Exchange",
+    "Audit.SharePoint",
+    "Audit.General",
+    "DLP.All",
+];
 
 /// Writes a sensor configuration in `dir/sensor.toml` pointing at `sim` and `rx`.
 pub fn write_config(
@@ -351,11 +384,12 @@ pub fn write_config(
         };
         let cts: Vec<String> = s.content_types.iter().map(|c| format!("\"{c}\"")).collect();
         t.push_str(&format!(
-            "\n[[tenant]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\n{cred}\ncloud = \"commercial\"\ncontent_types = [{}]\nbackfill_hours = 24\npoll_interval_secs = 1\nlogin_url = \"{}\"\napi_url = \"{}\"\nca_file = \"{}\"\nrequest_timeout_secs = 5\n{}\n",
+            "\n[[tenant]]\nname = \"{}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\n{cred}\ncloud = \"commercial\"\ncontent_types = [{}]\nbackfill_hours = {}\npoll_interval_secs = 1\nlogin_url = \"{}\"\napi_url = \"{}\"\nca_file = \"{}\"\nrequest_timeout_secs = 5\n{}\n",
             s.name,
             s.tenant_id,
             s.client_id,
             cts.join(", "),
+            s.backfill_hours,
             sim.url,
             sim.url,
             sim.ca_file.display(),
@@ -410,4 +444,92 @@ impl Verdict {
             && self.altered.is_empty()
             && self.invented.is_empty()
     }
+}
+
+/// Compares the simulator's ground truth with what the receiver stored.
+pub fn verdict(sim_truth: &Value, rx_truth: &Value) -> Verdict {
+    use std::collections::{HashMap, HashSet};
+    let mut expected: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut undeliverable: HashSet<String> = HashSet::new();
+    if let Some(tenants) = sim_truth["tenants"].as_object() {
+        for (tid, t) in tenants {
+            if let Some(ids) = t["expected"].as_object() {
+                for (id, shas) in ids {
+                    let variants = shas
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    expected.insert(format!("{tid}/{id}"), variants);
+                }
+            }
+            for id in t["undeliverable_ids"].as_array().into_iter().flatten() {
+                if let Some(id) = id.as_str() {
+                    undeliverable.insert(format!("{tid}/{id}"));
+                }
+            }
+        }
+    }
+    let mut v = Verdict {
+        expected: expected.len(),
+        ..Verdict::default()
+    };
+    let empty = serde_json::Map::new();
+    let records = rx_truth["records"].as_object().unwrap_or(&empty);
+    v.delivered = records.len();
+    for (key, r) in records {
+        match expected.get(key) {
+            None => v.invented.push(key.clone()),
+            Some(variants) => {
+                if r["deliveries"].as_u64().unwrap_or(0) > 1 {
+                    v.duplicated.push(key.clone());
+                }
+                let shas = r["sha256"].as_array().cloned().unwrap_or_default();
+                if shas
+                    .iter()
+                    .any(|s| !s.as_str().is_some_and(|s| variants.contains(s)))
+                {
+                    v.altered.push(key.clone());
+                }
+            }
+        }
+    }
+    for key in expected.keys() {
+        if !records.contains_key(key) {
+            v.missing.push(key.clone());
+        }
+    }
+    let _ = undeliverable;
+    v
+}
+
+/// Waits until the receiver holds every record the simulator expects (or `timeout`), then returns the
+/// verdict.
+pub fn wait_for_delivery(sim: &Sim, rx: &Receiver, timeout: Duration) -> Result<Verdict> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = verdict(&sim.truth()?, &rx.truth()?);
+        if v.missing.is_empty() && v.expected > 0 {
+            // Let in-flight retries and late duplicates land before judging.
+            std::thread::sleep(Duration::from_secs(3));
+            return Ok(verdict(&sim.truth()?, &rx.truth()?));
+        }
+        if Instant::now() > deadline {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A one-line summary of a verdict for assertion messages.
+pub fn describe(v: &Verdict) -> String {
+    let few = |l: &Vec<String>| l.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    format!(
+        "expected {}, delivered {}; missing {} [{}], duplicated {} [{}], altered {} [{}], invented {} [{}]",
+        v.expected, v.delivered, v.missing.len(), few(&v.missing), v.duplicated.len(), few(&v.duplicated),
+        v.altered.len(), few(&v.altered), v.invented.len(), few(&v.invented)
+    )
 }

@@ -222,9 +222,6 @@ fn token_for_tenant(
     } else {
         return Err(err(401, "invalid_client", 7000216, "'client_assertion', 'client_secret' or 'request' is required for the 'client_credentials' grant type."));
     }
-    if !t.spec.consent {
-        // Token issued, but without the ActivityFeed roles: the API answers AF10001.
-    }
     let iat = now.unix_timestamp();
     let lifetime = t.spec.token_lifetime_secs as i64;
     let mut roles = Vec::new();

@@ -702,3 +702,12 @@ async fn end_to_end_https() {
         .expect("list");
     assert_eq!(r.status(), 401);
 }
+
+#[test]
+fn example_scenario_parses() {
+    let s = Scenario::from_toml(include_str!("../scenarios/example.toml")).expect("example parses");
+    let tenants = s.expanded_tenants().expect("valid");
+    assert_eq!(tenants.len(), 4);
+    assert_eq!(tenants[3].tenant_id, "00000000-0000-4000-8000-000000000003");
+    assert!(Scenario::from_toml("[[tenant]]\ntenant_id = \"x\"\nbogus = 1\n").is_err());
+}
