@@ -92,6 +92,13 @@ pub struct BackendConfig {
     /// Total timeout of each request.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
+    /// Longest back-off between delivery attempts (the protocol's 5 min; lower only for tests).
+    #[serde(default = "default_retry_max_secs")]
+    pub retry_max_secs: u64,
+}
+
+fn default_retry_max_secs() -> u64 {
+    300
 }
 
 fn default_batch_max_bytes() -> u64 {
@@ -401,6 +408,9 @@ impl Config {
                 "backend.request_timeout_secs",
                 "timeouts must be at least 1 second".into(),
             );
+        }
+        if b.retry_max_secs == 0 || b.retry_max_secs > 900 {
+            p.add("backend.retry_max_secs", "must be between 1 and 900".into());
         }
         if self.spool.max_bytes < 1024 * 1024 {
             p.add("spool.max_bytes", "must be at least 1048576 (1 MiB)".into());

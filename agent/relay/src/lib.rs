@@ -329,8 +329,8 @@ impl Relay {
             Some(d) => d,
             None => {
                 let cap_ms = 1000u64
-                    .saturating_mul(1 << (b.failures - 1).min(9))
-                    .min(300_000);
+                    .saturating_mul(1 << (b.failures - 1).min(10))
+                    .min(self.cfg.retry_max_secs.saturating_mul(1000));
                 Duration::from_millis(rand::random::<u64>() % (cap_ms + 1))
             }
         }

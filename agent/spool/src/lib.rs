@@ -584,6 +584,7 @@ impl Spool {
 
     /// Removes done-marks whose content expired more than a day ago (they can no longer be listed).
     pub fn prune_done_marks(&self) -> Result<u64, SpoolError> {
+        let _inner = self.lock();
         let limit = now_unix() - 86_400;
         let mut removed = 0;
         for kv in self.main.scan_prefix([keys::DONE]) {

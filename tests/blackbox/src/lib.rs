@@ -360,8 +360,13 @@ pub fn write_config(
     extra_backend: &str,
     extra_top: &str,
 ) -> Result<PathBuf> {
+    let linger = if extra_backend.contains("batch_linger_ms") {
+        ""
+    } else {
+        "batch_linger_ms = 200"
+    };
     let mut t = format!(
-        "state_dir = \"{}\"\n{extra_top}\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nbatch_linger_ms = 200\n{extra_backend}\n",
+        "state_dir = \"{}\"\n{extra_top}\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n{linger}\n{extra_backend}\n",
         dir.join("state").display(),
         rx.url,
         rx.token_file.display(),
