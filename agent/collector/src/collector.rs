@@ -394,10 +394,10 @@ impl Collector {
             let name = &self.t.config.name;
             match state.severity() {
                 sensor_core::status::Severity::Ok => {
-                    log::info!(target: "collector", "tenant={name} content_type={} state={state:?}", self.content_type)
+                    log::info!(target: "collector", "tenant={name} content_type={} state={}", self.content_type, state.name())
                 }
                 _ => {
-                    log::warn!(target: "collector", "tenant={name} content_type={} state={state:?} error={}", self.content_type, error.unwrap_or_default())
+                    log::warn!(target: "collector", "tenant={name} content_type={} state={} error={}", self.content_type, state.name(), error.unwrap_or_default())
                 }
             }
         }

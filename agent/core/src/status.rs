@@ -92,6 +92,14 @@ impl State {
         }
     }
 
+    /// The state's name as in the status document, e.g. `audit_disabled`.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
     /// The one-line fix for a person.
     pub fn fix(self) -> &'static str {
         use State::*;

@@ -53,11 +53,7 @@ pub fn print_status(state_dir: &Path, json: bool) -> Result<i32> {
         c.records_fetched, c.records_spooled, c.duplicates_dropped, c.records_delivered, c.blobs_expired, c.blobs_quarantined + c.batches_quarantined
     );
     for (name, s) in &doc.components {
-        println!(
-            "  {name:<45} {:<26} since {}",
-            format!("{:?}", s.state).to_lowercase(),
-            s.since
-        );
+        println!("  {name:<45} {:<26} since {}", s.state.name(), s.since);
         if let Some(d) = &s.detail {
             println!("      {d}");
         }

@@ -41,6 +41,8 @@ throttle_retry_after_secs = 1
 af50000_every = 41
 hang_every = 401
 malformed_blobs = 4
+oversized_blobs = 1
+oversized_bytes = 400000
 nextpage_loop = true
 "#
         ),
@@ -56,6 +58,7 @@ nextpage_loop = true
     let mut tenant =
         TenantSpec::with_secret("contoso", TID, CID, "s3cret-value", &ALL_CONTENT_TYPES);
     tenant.backfill_hours = 168;
+    tenant.extra = "max_blob_bytes = 262144".into();
     let cfg = write_config(
         dir.path(),
         &sim,
@@ -106,7 +109,12 @@ nextpage_loop = true
             .unwrap_or(0);
         assert!(n <= 1, "expired blob {id} fetched {n} times");
     }
-    for id in t["malformed_content_ids"].as_array().into_iter().flatten() {
+    let bad = t["malformed_content_ids"]
+        .as_array()
+        .into_iter()
+        .chain(t["oversized_content_ids"].as_array())
+        .flatten();
+    for id in bad {
         let n = fetches[id.as_str().unwrap_or_default()]
             .as_u64()
             .unwrap_or(0);
