@@ -350,13 +350,7 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
     } else {
         "request failed"
     };
-    let mut msg = format!("{kind}: {e}");
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    sensor_core::status::redact(&msg)
+    format!("{kind}: {}", sensor_core::describe_error(e))
 }
 
 #[cfg(test)]

@@ -35,3 +35,19 @@ pub fn user_agent() -> String {
         std::env::consts::ARCH
     )
 }
+
+/// One line describing `e` and its whole source chain (`a: b: c`), redacted of credentials. Transport
+/// errors hide their cause (a TLS certificate problem, a refused connection) in the chain.
+pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+    }
+    status::redact(&msg)
+}

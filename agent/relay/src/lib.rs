@@ -403,7 +403,7 @@ impl Relay {
                 }
                 Err(e) => {
                     let wait = self.back_off(None, Duration::ZERO);
-                    let msg = sensor_core::status::redact(&format!("{e}"));
+                    let msg = sensor_core::describe_error(&e);
                     self.status.set(
                         "backend",
                         State::BackendUnreachable,

@@ -23,6 +23,7 @@ fn every_record_is_delivered_exactly_once_through_upstream_and_backend_faults() 
 tenant_id = "{TID}"
 client_id = "{CID}"
 client_secrets = ["s3cret-value"]
+token_lifetime_secs = 6
 history_hours = 168
 history_blobs_per_hour = 1
 records_per_blob = 8
