@@ -285,6 +285,11 @@ impl ApiClient {
         }
     }
 
+    /// The tenant's token provider.
+    pub fn tokens(&self) -> &TokenProvider {
+        &self.tokens
+    }
+
     /// The tenant's limiter.
     pub fn limiter(&self) -> &RateLimiter {
         &self.limiter

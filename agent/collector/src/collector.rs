@@ -438,36 +438,47 @@ impl Collector {
 
     fn report_error(&mut self, e: &ApiError) {
         let text = Some(e.to_string());
-        let state = match e {
-            ApiError::Auth(AuthError::InvalidCredentials { .. }) => {
-                let since = *self.auth_failing_since.get_or_insert_with(Instant::now);
-                if since.elapsed() < NEW_SECRET_GRACE {
-                    self.set(State::Starting, text, Some("credentials refused; retrying for 2 minutes (a new secret can take a minute to work)".into()));
-                    return;
-                }
-                State::CredentialsInvalid
+        let state = state_of(e);
+        if state == State::CredentialsInvalid
+            && matches!(e, ApiError::Auth(AuthError::InvalidCredentials { .. }))
+        {
+            let since = *self.auth_failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < NEW_SECRET_GRACE {
+                self.set(
+                    State::Starting,
+                    text,
+                    Some("credentials refused; retrying for 2 minutes (a new secret can take a minute to work)".into()),
+                );
+                return;
             }
-            ApiError::Auth(AuthError::SecretExpired { .. }) => State::SecretExpired,
-            ApiError::Auth(AuthError::WrongCloud { .. }) | ApiError::WrongAudience(_) => {
-                State::WrongCloud
-            }
-            ApiError::Auth(AuthError::Credential(_))
-            | ApiError::Auth(AuthError::Refused { .. }) => State::CredentialsInvalid,
-            ApiError::Auth(AuthError::Unreachable(_))
-            | ApiError::Transport(_)
-            | ApiError::Server { .. } => State::ApiUnreachable,
-            ApiError::AuditDisabled(_) => State::AuditDisabled,
-            ApiError::SubscriptionDisabled(_) | ApiError::NoSubscription(_) => {
-                State::SubscriptionDisabled
-            }
-            ApiError::ConsentMissing { .. } => State::ConsentMissing,
-            ApiError::Throttled { .. } => State::Throttled,
-            ApiError::WindowRejected { .. }
-            | ApiError::Client { .. }
-            | ApiError::BadResponse { .. }
-            | ApiError::TooLarge { .. } => State::ApiUnreachable,
-            ApiError::ContentExpired(_) | ApiError::ContentGone { .. } => State::ContentExpired,
-        };
+        }
         self.set(state, text, None);
+    }
+}
+
+/// The status state an API error puts a tenant × content type in.
+pub fn state_of(e: &ApiError) -> State {
+    match e {
+        ApiError::Auth(AuthError::InvalidCredentials { .. })
+        | ApiError::Auth(AuthError::Credential(_))
+        | ApiError::Auth(AuthError::Refused { .. }) => State::CredentialsInvalid,
+        ApiError::Auth(AuthError::SecretExpired { .. }) => State::SecretExpired,
+        ApiError::Auth(AuthError::WrongCloud { .. }) | ApiError::WrongAudience(_) => {
+            State::WrongCloud
+        }
+        ApiError::Auth(AuthError::Unreachable(_))
+        | ApiError::Transport(_)
+        | ApiError::Server { .. } => State::ApiUnreachable,
+        ApiError::AuditDisabled(_) => State::AuditDisabled,
+        ApiError::SubscriptionDisabled(_) | ApiError::NoSubscription(_) => {
+            State::SubscriptionDisabled
+        }
+        ApiError::ConsentMissing { .. } => State::ConsentMissing,
+        ApiError::Throttled { .. } => State::Throttled,
+        ApiError::WindowRejected { .. }
+        | ApiError::Client { .. }
+        | ApiError::BadResponse { .. }
+        | ApiError::TooLarge { .. } => State::ApiUnreachable,
+        ApiError::ContentExpired(_) | ApiError::ContentGone { .. } => State::ContentExpired,
     }
 }

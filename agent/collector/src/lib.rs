@@ -122,6 +122,31 @@ pub fn tenant_http_client(
     b.build().map_err(|e| err(e.to_string()))
 }
 
+/// The API client of `tenant`: its HTTPS client, token provider and one rate limiter. The inner error is
+/// a credential that cannot be loaded (reported as a status, not a setup failure).
+pub fn tenant_api(
+    tenant: &TenantConfig,
+    proxy: Option<&str>,
+    counters: Arc<Counters>,
+) -> Result<Result<api::ApiClient, auth::AuthError>, CollectorError> {
+    let http = tenant_http_client(tenant, proxy)?;
+    let tokens = match auth::TokenProvider::new(tenant, http.clone()) {
+        Ok(t) => Arc::new(t),
+        Err(e) => return Ok(Err(e)),
+    };
+    let limiter = Arc::new(ratelimit::RateLimiter::new(tenant.max_requests_per_minute));
+    Ok(Ok(api::ApiClient::new(
+        http,
+        &tenant.api_base(),
+        &tenant.tenant_id,
+        tenant.publisher(),
+        tokens,
+        limiter,
+        counters,
+        tenant.max_blob_bytes,
+    )))
+}
+
 /// Starts one collector per content type of `tenant`. A tenant whose credentials cannot be loaded gets
 /// its components set to `credentials_invalid` and no collectors.
 pub fn start_tenant(
@@ -129,9 +154,8 @@ pub fn start_tenant(
     deps: &Deps,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, CollectorError> {
-    let http = tenant_http_client(&tenant, deps.proxy.as_deref())?;
-    let tokens = match auth::TokenProvider::new(&tenant, http.clone()) {
-        Ok(t) => Arc::new(t),
+    let api = match tenant_api(&tenant, deps.proxy.as_deref(), deps.counters.clone())? {
+        Ok(api) => api,
         Err(e) => {
             for ct in &tenant.content_types {
                 deps.status.set(
@@ -145,17 +169,6 @@ pub fn start_tenant(
             return Ok(Vec::new());
         }
     };
-    let limiter = Arc::new(ratelimit::RateLimiter::new(tenant.max_requests_per_minute));
-    let api = api::ApiClient::new(
-        http,
-        &tenant.api_base(),
-        &tenant.tenant_id,
-        tenant.publisher(),
-        tokens,
-        limiter,
-        deps.counters.clone(),
-        tenant.max_blob_bytes,
-    );
     let content_types = tenant.content_types.clone();
     let shared = Arc::new(TenantShared {
         config: tenant,

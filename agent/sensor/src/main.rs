@@ -4,6 +4,7 @@
 mod agent;
 #[cfg(feature = "demo")]
 mod demo;
+mod doctor;
 mod logging;
 mod status_cmd;
 
@@ -46,6 +47,12 @@ enum Command {
         /// Print the JSON status document.
         #[arg(long)]
         json: bool,
+    },
+    /// Checks the whole setup chain once, step by step, with the fix for each failure.
+    Doctor {
+        /// Configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
     },
     /// Validates the configuration and prints every error at once.
     CheckConfig {
@@ -109,6 +116,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             };
             status_cmd::print_status(&state_dir, json)
         }
+        Command::Doctor { config } => Ok(runtime()?.block_on(doctor::run(&config))),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: OK ({} tenant(s))", config.display(), c.tenants.len());

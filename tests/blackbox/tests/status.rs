@@ -146,3 +146,104 @@ fn check_config_names_file_key_and_fix() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus_key"));
     Ok(())
 }
+
+#[test]
+fn doctor_names_the_failing_step_and_its_fix() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tenant = |n: u32, extra: &str| {
+        format!(
+            "[[tenant]]\ntenant_id = \"{}\"\nclient_id = \"{CID}\"\nclient_secrets = [\"good\"]\ncontent_types = [\"Audit.General\", \"DLP.All\"]\nhistory_hours = 2\nlive_blob_interval_ms = 0\n{extra}\n\n",
+            tid(n)
+        )
+    };
+    let scenario = [
+        tenant(
+            1,
+            "subscriptions_enabled = [\"Audit.General\", \"DLP.All\"]",
+        ),
+        tenant(2, "audit_enabled = false"),
+        tenant(3, "consent = false"),
+        tenant(4, "cloud = \"gcc-high\""),
+        tenant(5, "expired_secrets = [\"old\"]"),
+        tenant(6, "subscriptions_enabled = [\"Audit.General\"]"),
+    ]
+    .concat();
+    let sim = Sim::start(dir.path(), &scenario)?;
+    let rx = Receiver::start(dir.path())?;
+    let spec = |n: u32, name: &str, secret: &str| {
+        TenantSpec::with_secret(name, &tid(n), CID, secret, &["Audit.General", "DLP.All"])
+    };
+    let run = |tenants: &[TenantSpec]| -> anyhow::Result<(i32, String)> {
+        let cfg = write_config(dir.path(), &sim, &rx, tenants, "", "")?;
+        let out = Command::new(bin("m365-sensor")?)
+            .args(["doctor", "--config"])
+            .arg(&cfg)
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+
+    let (code, out) = run(&[spec(1, "healthy", "good")])?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("[ OK ] tenant healthy: token (commercial cloud")
+            && out.contains("[ OK ] backend"),
+        "{out}"
+    );
+
+    let cases = [
+        (
+            spec(2, "auditoff", "good"),
+            "[FAIL] tenant auditoff: permissions and audit logging: audit_disabled",
+            "Turn on audit logging",
+        ),
+        (
+            spec(3, "noconsent", "good"),
+            "[FAIL] tenant noconsent: permissions and audit logging: consent_missing",
+            "Grant admin consent",
+        ),
+        (
+            spec(4, "govcloud", "good"),
+            "[FAIL] tenant govcloud: token (commercial cloud",
+            "gcc-high and dod use login.microsoftonline.us",
+        ),
+        (
+            spec(5, "expired", "old"),
+            "secret_expired",
+            "Create a new client secret",
+        ),
+        (
+            spec(1, "wrongsecret", "the-secret-id"),
+            "credentials_invalid",
+            "not its Secret ID",
+        ),
+        (
+            spec(6, "nodlp", "good"),
+            "[WARN] tenant nodlp: DLP.All: subscription not started yet",
+            "starts it on its first poll",
+        ),
+    ];
+    for (t, line, fix) in cases {
+        let (code, out) = run(&[t])?;
+        assert!(code >= 1, "{out}");
+        assert!(
+            out.contains(line) && out.contains(fix),
+            "expected `{line}` and `{fix}` in:\n{out}"
+        );
+        assert!(
+            !out.contains("the-secret-id"),
+            "the secret never appears: {out}"
+        );
+    }
+
+    std::fs::write(&rx.token_file, "not-the-token")?;
+    let (code, out) = run(&[spec(1, "healthy", "good")])?;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("[FAIL] backend") && out.contains("bearer token was refused (HTTP 401)"),
+        "{out}"
+    );
+    Ok(())
+}
