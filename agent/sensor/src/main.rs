@@ -5,6 +5,7 @@ mod agent;
 #[cfg(feature = "demo")]
 mod demo;
 mod doctor;
+mod harden;
 mod logging;
 mod status_cmd;
 
@@ -38,6 +39,9 @@ enum Command {
         /// Configuration file.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Stay root when no `m365-sensor` user exists (not recommended).
+        #[arg(long)]
+        allow_root: bool,
     },
     /// Prints the status of the running (or last run) agent. Exit 0 ok, 1 degraded, 2 failed.
     Status {
@@ -93,9 +97,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn real_main(cli: Cli) -> Result<i32> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, allow_root } => {
+            harden::close_inherited_fds();
             logging::init(cli.log_level.as_deref());
             let config = Config::load(&config)?;
+            harden::harden(&config.state_dir, allow_root)?;
             runtime()?.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {

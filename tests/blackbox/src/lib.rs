@@ -406,12 +406,11 @@ pub fn write_config(
     Ok(p)
 }
 
-/// Starts `m365-sensor run --config <config>`; its stderr goes to `dir/sensor-<n>.log`.
+/// Starts `m365-sensor run --allow-root --config <config>` (tests run as root without the service user); its stderr goes to `dir/sensor-<n>.log`.
 pub fn start_sensor(dir: &Path, config: &Path, n: usize) -> Result<Proc> {
     Proc::spawn(
         Command::new(bin("m365-sensor")?)
-            .arg("run")
-            .arg("--config")
+            .args(["run", "--allow-root", "--config"])
             .arg(config)
             .env("M365_SENSOR_LOG", "info"),
         dir.join(format!("sensor-{n}.log")),

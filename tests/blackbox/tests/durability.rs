@@ -57,7 +57,7 @@ fn fdatasync_separates_writing_records_from_treating_them_as_committed() -> anyh
             ])
             .arg(&trace)
             .arg(bin("m365-sensor")?)
-            .args(["run", "--config"])
+            .args(["run", "--allow-root", "--config"])
             .arg(&cfg)
             .env("M365_SENSOR_LOG", "trace")
             .stdout(std::process::Stdio::null())
