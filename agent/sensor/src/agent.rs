@@ -144,9 +144,142 @@ fn update_spool_state(status: &StatusBoard, spool: &Spool) {
     }
 }
 
-/// Runs the agent of `config` until `shutdown` turns true. `on_start` receives the handles once running.
+/// The collectors and the relay of one configuration, each stoppable on its own.
+struct Stages {
+    config: Config,
+    collectors_stop: watch::Sender<bool>,
+    collectors: Vec<tokio::task::JoinHandle<()>>,
+    relay_stop: watch::Sender<bool>,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    id: String,
+    spool: Arc<Spool>,
+    status: Arc<StatusBoard>,
+    counters: Arc<Counters>,
+    wake: Arc<Notify>,
+}
+
+impl Shared {
+    fn start_relay(
+        &self,
+        config: &Config,
+    ) -> Result<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> {
+        let relay = Arc::new(
+            sensor_relay::Relay::new(
+                config.backend.clone(),
+                self.id.clone(),
+                config.network.proxy.as_deref(),
+                self.spool.clone(),
+                self.status.clone(),
+                self.counters.clone(),
+                self.wake.clone(),
+            )
+            .context("starting the relay")?,
+        );
+        let (tx, rx) = watch::channel(false);
+        Ok((tx, tokio::spawn(relay.run(rx, DRAIN))))
+    }
+
+    fn start_collectors(
+        &self,
+        config: &Config,
+    ) -> Result<(watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>)> {
+        let deps = m365_collector::Deps {
+            spool: self.spool.clone(),
+            status: self.status.clone(),
+            counters: self.counters.clone(),
+            relay_wake: self.wake.clone(),
+            proxy: config.network.proxy.clone(),
+        };
+        let (tx, rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        for t in config.tenants.clone() {
+            let name = t.name.clone();
+            handles.extend(
+                m365_collector::start_tenant(t, &deps, rx.clone())
+                    .with_context(|| format!("starting tenant {name}"))?,
+            );
+        }
+        Ok((tx, handles))
+    }
+
+    fn start(&self, config: Config) -> Result<Stages> {
+        let (relay_stop, relay) = self.start_relay(&config)?;
+        let (collectors_stop, collectors) = self.start_collectors(&config)?;
+        Ok(Stages {
+            config,
+            collectors_stop,
+            collectors,
+            relay_stop,
+            relay,
+        })
+    }
+}
+
+impl Stages {
+    async fn stop_collectors(&mut self) {
+        let _ = self.collectors_stop.send(true);
+        for c in self.collectors.drain(..) {
+            let _ = c.await;
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop_collectors().await;
+        let _ = self.relay_stop.send(true);
+        let _ = self.relay.await;
+    }
+
+    /// Applies `new`: collectors restart between durable steps (nothing in flight is lost: a blob not yet
+    /// committed is fetched again and deduplicated); the relay restarts only when the backend settings
+    /// changed (batches in flight stay spooled and keep their keys). A state directory change needs a restart.
+    async fn reload(&mut self, shared: &Shared, new: Config) -> Result<()> {
+        if new.state_dir != self.config.state_dir {
+            anyhow::bail!(
+                "state_dir changed from {} to {}: restart the agent to move its state",
+                self.config.state_dir.display(),
+                new.state_dir.display()
+            );
+        }
+        shared.spool.set_max_bytes(new.spool.max_bytes);
+        self.stop_collectors().await;
+        let names: std::collections::HashSet<String> = new
+            .tenants
+            .iter()
+            .map(|t| format!("tenant/{}/", t.name))
+            .collect();
+        for component in shared.status.components().keys() {
+            if component.starts_with("tenant/")
+                && !names.iter().any(|n| component.starts_with(n.as_str()))
+            {
+                shared.status.remove(component);
+            }
+        }
+        if new.backend != self.config.backend || new.network != self.config.network {
+            let _ = self.relay_stop.send(true);
+            let old = std::mem::replace(&mut self.relay, tokio::spawn(async {}));
+            let _ = old.await;
+            let (stop, relay) = shared.start_relay(&new)?;
+            self.relay_stop = stop;
+            self.relay = relay;
+        }
+        let (stop, collectors) = shared.start_collectors(&new)?;
+        self.collectors_stop = stop;
+        self.collectors = collectors;
+        self.config = new;
+        Ok(())
+    }
+}
+
+/// Runs the agent of `config` until `shutdown` turns true. Each message on `reload` re-reads
+/// `config_path` and applies it live; a configuration that fails validation is refused and the running one
+/// kept. `on_start` receives the handles once running.
 pub async fn run_agent(
     config: Config,
+    config_path: Option<PathBuf>,
+    mut reload: tokio::sync::mpsc::Receiver<()>,
     mut shutdown: watch::Receiver<bool>,
     on_start: impl FnOnce(AgentHandles),
 ) -> Result<()> {
@@ -168,48 +301,23 @@ pub async fn run_agent(
         )
         .context("opening the spool")?,
     );
-    let status = Arc::new(StatusBoard::default());
-    let counters = Arc::new(Counters::default());
-    let wake = Arc::new(Notify::new());
-    let proxy = config.network.proxy.clone();
     log::info!(target: "agent", "m365-sensor {} starting: sensor id {id}, {} tenant(s), state {}", sensor_core::VERSION, config.tenants.len(), config.state_dir.display());
-
-    let relay = Arc::new(
-        sensor_relay::Relay::new(
-            config.backend.clone(),
-            id.clone(),
-            proxy.as_deref(),
-            spool.clone(),
-            status.clone(),
-            counters.clone(),
-            wake.clone(),
-        )
-        .context("starting the relay")?,
-    );
-    let relay_task = tokio::spawn(relay.run(shutdown.clone(), DRAIN));
-
-    let deps = m365_collector::Deps {
+    let shared = Shared {
+        id: id.clone(),
         spool: spool.clone(),
-        status: status.clone(),
-        counters: counters.clone(),
-        relay_wake: wake.clone(),
-        proxy,
+        status: Arc::new(StatusBoard::default()),
+        counters: Arc::new(Counters::default()),
+        wake: Arc::new(Notify::new()),
     };
-    let mut collectors = Vec::new();
-    for t in config.tenants.clone() {
-        let name = t.name.clone();
-        collectors.extend(
-            m365_collector::start_tenant(t, &deps, shutdown.clone())
-                .with_context(|| format!("starting tenant {name}"))?,
-        );
-    }
+    let (status, counters) = (shared.status.clone(), shared.counters.clone());
+    let path = status_path(&config.state_dir);
+    let mut stages = shared.start(config)?;
     update_spool_state(&status, &spool);
     on_start(AgentHandles {
         counters: counters.clone(),
         spool: spool.clone(),
     });
 
-    let path = status_path(&config.state_dir);
     let mut last_housekeeping = std::time::Instant::now();
     loop {
         update_spool_state(&status, &spool);
@@ -231,16 +339,24 @@ pub async fn run_agent(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.changed() => {}
+            Some(()) = reload.recv() => {
+                if let Some(p) = &config_path {
+                    match Config::load(p) {
+                        Ok(new) => match stages.reload(&shared, new).await {
+                            Ok(()) => log::info!(target: "agent", "configuration {} reloaded", p.display()),
+                            Err(e) => log::error!(target: "agent", "configuration {} not applied: {e:#}", p.display()),
+                        },
+                        Err(e) => log::error!(target: "agent", "configuration refused, the running one is kept: {e}"),
+                    }
+                }
+            }
         }
         if *shutdown.borrow() {
             break;
         }
     }
     log::info!(target: "agent", "shutting down: stopping collectors, draining in-flight batches");
-    for c in collectors {
-        let _ = c.await;
-    }
-    let _ = relay_task.await;
+    stages.stop().await;
     spool.close().context("closing the spool")?;
     let doc = status_document(&id, &status, &spool, &counters);
     if let Ok(json) = serde_json::to_vec_pretty(&doc) {
@@ -248,6 +364,19 @@ pub async fn run_agent(
     }
     log::info!(target: "agent", "stopped cleanly");
     Ok(())
+}
+
+/// Sends a reload request on every SIGHUP.
+pub fn reload_on_sighup() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    rx
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -101,9 +101,16 @@ ca_file = "{root}/tenant-ca.pem"
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (handles_tx, handles_rx) = tokio::sync::oneshot::channel();
-    let agent = tokio::spawn(crate::agent::run_agent(config, stop_rx, move |h| {
-        let _ = handles_tx.send(h);
-    }));
+    let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let agent = tokio::spawn(crate::agent::run_agent(
+        config,
+        None,
+        reload_rx,
+        stop_rx,
+        move |h| {
+            let _ = handles_tx.send(h);
+        },
+    ));
     let handles = match handles_rx.await {
         Ok(h) => h,
         Err(_) => {

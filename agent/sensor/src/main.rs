@@ -100,7 +100,8 @@ fn real_main(cli: Cli) -> Result<i32> {
         Command::Run { config, allow_root } => {
             harden::close_inherited_fds();
             logging::init(cli.log_level.as_deref());
-            let config = Config::load(&config)?;
+            let config_path = config;
+            let config = Config::load(&config_path)?;
             harden::harden(&config.state_dir, allow_root)?;
             runtime()?.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(false);
@@ -108,7 +109,8 @@ fn real_main(cli: Cli) -> Result<i32> {
                     agent::termination().await;
                     let _ = tx.send(true);
                 });
-                agent::run_agent(config, rx, |_| {}).await
+                let reload = agent::reload_on_sighup();
+                agent::run_agent(config, Some(config_path), reload, rx, |_| {}).await
             })?;
             Ok(0)
         }

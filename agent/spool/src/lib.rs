@@ -220,6 +220,7 @@ pub struct Spool {
     sync_file: File,
     _lock: File,
     opts: SpoolOptions,
+    max_bytes: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -338,6 +339,7 @@ impl Spool {
             main,
             sync_file,
             _lock: lock,
+            max_bytes: std::sync::atomic::AtomicU64::new(opts.max_bytes),
             opts,
             inner: Mutex::new(Inner {
                 next_chunk,
@@ -627,19 +629,26 @@ impl Spool {
 
     /// The configured cap.
     pub fn max_bytes(&self) -> u64 {
-        self.opts.max_bytes
+        self.max_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the cap (configuration reload). Lowering it below the stored bytes pauses collection;
+    /// nothing stored is dropped.
+    pub fn set_max_bytes(&self, max_bytes: u64) {
+        self.max_bytes
+            .store(max_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the stored bytes reached the cap (collection must pause).
     pub fn is_full(&self) -> bool {
         let f = self.figures();
-        f.stored_bytes + f.quarantined_bytes >= self.opts.max_bytes
+        f.stored_bytes + f.quarantined_bytes >= self.max_bytes()
     }
 
     /// Fill level in [0, 1+].
     pub fn fill_ratio(&self) -> f64 {
         let f = self.figures();
-        (f.stored_bytes + f.quarantined_bytes) as f64 / self.opts.max_bytes.max(1) as f64
+        (f.stored_bytes + f.quarantined_bytes) as f64 / self.max_bytes().max(1) as f64
     }
 
     /// Batches cut and not yet acknowledged, in sequence order (resent first after a restart).
