@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_RECORDS ?= 5000
 
-.PHONY: all build demo test lint fmt bench clean
+.PHONY: all build demo test test-packaging lint fmt bench clean
 
 all: build
 
@@ -14,9 +14,14 @@ build:
 demo:
 	$(CARGO) run -q -p m365-sensor -- demo --records $(DEMO_RECORDS)
 
-## Unit, property and black-box tests (the black-box suites start the real binaries).
+## Unit, property and black-box tests (the black-box suites start the real binaries), then packaging.
 test: build
 	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) test-packaging
+
+## The systemd unit's exposure score and the .deb installed into a scratch root (needs root, systemd-analyze).
+test-packaging: build
+	tests/packaging/run.sh target/debug/m365-sensor
 
 ## Formatting and lints are policy.
 lint:

@@ -108,7 +108,7 @@ pub async fn start(cfg: ReceiverConfig) -> Result<ReceiverHandle, ReceiverError>
             source,
         })?;
     let main = MainPort::start(listen, main_tls, router, Arc::clone(&shared)).await?;
-    let control_task = server::serve(
+    let control_task = sensor_testkit::serve_tls(
         control_listener,
         control_tls,
         server::control_router(Arc::clone(&shared), Arc::clone(&main)),

@@ -11,12 +11,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use sensor_testkit::{PeerAddr, PeerCertificates};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
-use tower::ServiceExt;
+use tokio::task::JoinHandle;
 
 use crate::config::{ReceiverConfig, ReceiverError};
 use crate::faults::{FaultState, Faults};
@@ -59,63 +56,6 @@ impl Shared {
     }
 }
 
-/// Serves `router` over TLS on `listener` until the returned task is aborted; aborting it drops the
-/// listener and every connection it accepted (their tasks live in the task's `JoinSet`).
-pub(crate) fn serve(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    router: Router,
-) -> JoinHandle<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    log::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let acceptor = acceptor.clone();
-            let router = router.clone();
-            conns.spawn(async move {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(tls) => tls,
-                    Err(e) => {
-                        log::debug!("TLS handshake with {peer} failed: {e}");
-                        return;
-                    }
-                };
-                let peer_certs = PeerCertificates(
-                    tls.get_ref()
-                        .1
-                        .peer_certificates()
-                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-                        .unwrap_or_default(),
-                );
-                let service = hyper::service::service_fn(move |mut req| {
-                    req.extensions_mut().insert(peer_certs.clone());
-                    req.extensions_mut().insert(PeerAddr(peer));
-                    router.clone().oneshot(req.map(axum::body::Body::new))
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = builder
-                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                    .await
-                {
-                    log::debug!("connection from {peer} ended: {e}");
-                }
-            });
-        }
-    })
-}
-
 /// The main port: bound address, TLS config and router, and the serving task while up.
 pub(crate) struct MainPort {
     pub addr: SocketAddr,
@@ -144,7 +84,7 @@ impl MainPort {
         let addr = listener
             .local_addr()
             .map_err(|source| ReceiverError::Bind { addr, source })?;
-        let task = serve(listener, tls.clone(), router.clone());
+        let task = sensor_testkit::serve_tls(listener, tls.clone(), router.clone());
         shared.up.store(true, Ordering::SeqCst);
         Ok(Arc::new(Self {
             addr,
@@ -227,7 +167,7 @@ impl MainPort {
                 }
             }
         };
-        let task = serve(listener, self.tls.clone(), self.router.clone());
+        let task = sensor_testkit::serve_tls(listener, self.tls.clone(), self.router.clone());
         *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         self.shared.up.store(true, Ordering::SeqCst);
         log::info!("main port {} up", self.addr);

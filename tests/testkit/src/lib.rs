@@ -150,8 +150,9 @@ pub fn server_config(
 #[derive(Clone, Debug, Default)]
 pub struct PeerCertificates(pub Vec<CertificateDer<'static>>);
 
-/// Serves `router` over TLS on `listener` until the returned task is aborted. Each request carries a
-/// [`PeerCertificates`] extension. TLS handshake failures are logged and do not stop the server.
+/// Serves `router` over TLS on `listener` until the returned task is aborted; aborting it drops the
+/// listener and every connection it accepted (their tasks live in the task's `JoinSet`). Each request
+/// carries [`PeerCertificates`] and [`PeerAddr`] extensions; failed handshakes are logged and skipped.
 pub fn serve_tls(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -159,8 +160,13 @@ pub fn serve_tls(
 ) -> JoinHandle<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     log::warn!("accept failed: {e}");
@@ -170,7 +176,7 @@ pub fn serve_tls(
             };
             let acceptor = acceptor.clone();
             let router = router.clone();
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let tls = match acceptor.accept(tcp).await {
                     Ok(tls) => tls,
                     Err(e) => {
