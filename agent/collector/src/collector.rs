@@ -159,7 +159,7 @@ impl Collector {
                 s.set_cursor(&self.t.config.tenant_id, &self.content_type, cursor)
             })?;
             self.t.api.start_subscription(&self.content_type).await?;
-            log::info!(target: "collector", "tenant={} content_type={} subscription started", self.t.config.name, self.content_type);
+            log::info!(target: "collector", tenant = self.t.config.name.as_str(), content_type = self.content_type.as_str(); "subscription started");
         }
         self.subscribed = true;
         Ok(())
@@ -277,7 +277,7 @@ impl Collector {
             Err(e) if e.is_transient() => {
                 let n = self.failures.entry(item.content_id.clone()).or_insert(0);
                 *n += 1;
-                log::warn!(target: "collector", "tenant={} content_type={ct} content_id={} attempt {} failed: {e}", cfg.name, item.content_id, *n);
+                log::warn!(target: "collector", tenant = cfg.name.as_str(), content_type = ct, content_id = item.content_id.as_str(), error:% = e; "blob fetch attempt {} failed", *n);
                 if *n >= BLOB_ATTEMPTS {
                     let reason = format!("failed {BLOB_ATTEMPTS} times, last: {e}");
                     self.quarantine(item, expires, &reason, &[])?;
@@ -334,7 +334,7 @@ impl Collector {
             item.content_id,
             sensor_core::timefmt::rfc3339(expires)
         );
-        log::warn!(target: "collector", "tenant={} content_type={} content_id={} lost window: {detail}", cfg.name, self.content_type, item.content_id);
+        log::warn!(target: "collector", tenant = cfg.name.as_str(), content_type = self.content_type.as_str(), content_id = item.content_id.as_str(); "lost window: {detail}");
         self.t.spool_blocking(|s| {
             s.mark_done(
                 &cfg.tenant_id,
@@ -358,7 +358,7 @@ impl Collector {
         body: &[u8],
     ) -> Result<(), Stop> {
         let cfg = &self.t.config;
-        log::warn!(target: "collector", "tenant={} content_type={} content_id={} quarantined: {reason}", cfg.name, self.content_type, item.content_id);
+        log::warn!(target: "collector", tenant = cfg.name.as_str(), content_type = self.content_type.as_str(), content_id = item.content_id.as_str(), error = reason; "blob quarantined");
         let keep = &body[..body.len().min(1024 * 1024)];
         let q = QuarantineItem {
             reason: reason.to_string(),
@@ -394,10 +394,10 @@ impl Collector {
             let name = &self.t.config.name;
             match state.severity() {
                 sensor_core::status::Severity::Ok => {
-                    log::info!(target: "collector", "tenant={name} content_type={} state={}", self.content_type, state.name())
+                    log::info!(target: "collector", tenant = name.as_str(), content_type = self.content_type.as_str(), state = state.name().as_str(); "state changed")
                 }
                 _ => {
-                    log::warn!(target: "collector", "tenant={name} content_type={} state={} error={}", self.content_type, state.name(), error.unwrap_or_default())
+                    log::warn!(target: "collector", tenant = name.as_str(), content_type = self.content_type.as_str(), state = state.name().as_str(), error = error.unwrap_or_default().as_str(); "state changed")
                 }
             }
         }

@@ -165,7 +165,7 @@ pub fn start_tenant(
                     None,
                 );
             }
-            log::error!(target: "collector", "tenant={} cannot load its credential: {e}", tenant.name);
+            log::error!(target: "collector", tenant = tenant.name.as_str(), error:% = e; "cannot load the tenant's credential");
             return Ok(Vec::new());
         }
     };

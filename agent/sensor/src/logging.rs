@@ -24,11 +24,38 @@ impl Log for StderrLog {
             return;
         }
         let now = sensor_core::timefmt::rfc3339(time::OffsetDateTime::now_utc());
-        let line = format!("{now} {:<5} {target}: {}\n", r.level(), r.args());
+        let mut fields = Fields(String::new());
+        let _ = r.key_values().visit(&mut fields);
+        let line = format!(
+            "{now} {:<5} {target}: {}{}\n",
+            r.level(),
+            r.args(),
+            fields.0
+        );
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
     fn flush(&self) {}
+}
+
+/// Renders a record's structured fields (`tenant`, `content_type`, `content_id`, `error`, ...) as
+/// ` key=value` on stderr; the journal gets them as fields (`TENANT=`, ...).
+struct Fields(String);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        let v = value.to_string();
+        if v.contains(' ') {
+            self.0.push_str(&format!(" {key}={v:?}"));
+        } else {
+            self.0.push_str(&format!(" {key}={v}"));
+        }
+        Ok(())
+    }
 }
 
 /// Parses a level name (`error`, `warn`, `info`, `debug`, `trace`).
