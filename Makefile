@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_RECORDS ?= 5000
 
-.PHONY: all build demo test test-packaging lint fmt bench clean
+.PHONY: all build demo test test-packaging dist test-dist lint fmt bench clean
 
 all: build
 
@@ -23,10 +23,19 @@ test: build
 test-packaging: build
 	tests/packaging/run.sh target/debug/m365-sensor
 
-## Formatting and lints are policy.
+## Static appliance binaries (musl) for x86_64 and aarch64 in dist/bin (see scripts/dist.sh for what it needs).
+dist:
+	scripts/dist.sh
+
+## Runs the static binaries: x86_64 natively, aarch64 under qemu-aarch64-static.
+test-dist: dist
+	scripts/check-dist.sh
+
+## Formatting and lints are policy (also for the appliance build without the demo).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p m365-sensor --no-default-features -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

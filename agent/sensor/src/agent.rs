@@ -18,6 +18,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 /// Everything a running agent exposes to its embedder (the demo's progress line).
 #[derive(Clone)]
+#[cfg_attr(not(feature = "demo"), allow(dead_code))]
 pub struct AgentHandles {
     /// Counters.
     pub counters: Arc<Counters>,
