@@ -88,6 +88,7 @@ pub struct TokenProvider {
     client_id: String,
     scope: String,
     credential: Credential,
+    credential_expires: Option<i64>,
     cache: tokio::sync::Mutex<Option<Cached>>,
 }
 
@@ -111,13 +112,22 @@ struct EntraError {
 impl TokenProvider {
     /// Builds the provider of `tenant`, reading its credential files now.
     pub fn new(tenant: &TenantConfig, http: reqwest::Client) -> Result<Self, AuthError> {
+        let mut credential_expires = tenant
+            .client_secret_expires
+            .as_deref()
+            .and_then(sensor_core::config::parse_date)
+            .map(|d| d.midnight().assume_utc().unix_timestamp());
         let credential = match (
             &tenant.client_secret_file,
             &tenant.certificate_file,
             &tenant.private_key_file,
         ) {
             (Some(secret), _, _) => Credential::Secret(read_secret(secret)?),
-            (None, Some(cert), Some(key)) => load_certificate(cert, key, tenant.assertion_alg)?,
+            (None, Some(cert), Some(key)) => {
+                let (c, not_after) = load_certificate(cert, key, tenant.assertion_alg)?;
+                credential_expires = not_after;
+                c
+            }
             _ => {
                 return Err(AuthError::Credential(format!(
                     "tenant {} has no credential",
@@ -136,8 +146,15 @@ impl TokenProvider {
             client_id: tenant.client_id.clone(),
             scope: tenant.cloud.scope(),
             credential,
+            credential_expires,
             cache: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// When the credential expires (Unix seconds): the certificate's notAfter, or the configured
+    /// `client_secret_expires` of a secret.
+    pub fn credential_expires(&self) -> Option<i64> {
+        self.credential_expires
     }
 
     /// A valid access token, from the cache or freshly requested.
@@ -316,10 +333,22 @@ fn read_secret(path: &Path) -> Result<String, AuthError> {
     Ok(s)
 }
 
-fn load_certificate(cert: &Path, key: &Path, alg: AssertionAlg) -> Result<Credential, AuthError> {
+fn load_certificate(
+    cert: &Path,
+    key: &Path,
+    alg: AssertionAlg,
+) -> Result<(Credential, Option<i64>), AuthError> {
     let certs =
         sensor_core::tls::read_certs(cert).map_err(|e| AuthError::Credential(e.to_string()))?;
     let der = certs[0].as_ref();
+    let not_after = x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .map_err(|e| {
+            AuthError::Credential(format!(
+                "{}: not a readable X.509 certificate: {e}",
+                cert.display()
+            ))
+        })?;
     let key_der =
         sensor_core::tls::read_key(key).map_err(|e| AuthError::Credential(e.to_string()))?;
     let key = match &key_der {
@@ -333,12 +362,13 @@ fn load_certificate(cert: &Path, key: &Path, alg: AssertionAlg) -> Result<Creden
         }
     }
     .map_err(|e| AuthError::Credential(format!("{}: not a usable RSA key: {e}", key.display())))?;
-    Ok(Credential::Certificate {
+    let credential = Credential::Certificate {
         key: Box::new(key),
         x5t: URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(der)),
         x5t_s256: URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der)),
         alg,
-    })
+    };
+    Ok((credential, Some(not_after)))
 }
 
 /// A one-line description of a transport error, naming timeouts and connection failures.

@@ -423,10 +423,15 @@ impl Collector {
             self.set(State::WaitingForFirstContent, None, None);
         } else if let Some(days) = self.t.secret_days_left() {
             if days <= 30 {
+                let what = if self.t.config.certificate_file.is_some() {
+                    "certificate"
+                } else {
+                    "client secret"
+                };
                 self.set(
                     State::SecretExpiring,
                     None,
-                    Some(format!("the client secret expires in {days} day(s)")),
+                    Some(format!("the {what} expires in {days} day(s)")),
                 );
             } else {
                 self.set(State::Ok, None, None);

@@ -93,10 +93,10 @@ impl TenantShared {
         tokio::task::block_in_place(|| f(&self.spool))
     }
 
-    /// Days until `client_secret_expires`, if configured.
+    /// Days until the credential expires: the certificate's notAfter, or `client_secret_expires`.
     pub fn secret_days_left(&self) -> Option<i64> {
-        let d = sensor_core::config::parse_date(self.config.client_secret_expires.as_deref()?)?;
-        Some((d - time::OffsetDateTime::now_utc().date()).whole_days())
+        let at = self.api.tokens().credential_expires()?;
+        Some((at - time::OffsetDateTime::now_utc().unix_timestamp()).div_euclid(86_400) + 1)
     }
 }
 

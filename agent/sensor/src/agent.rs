@@ -13,6 +13,9 @@ use sensor_core::status::{SpoolFigures, State, StatusBoard, StatusDocument};
 use sensor_spool::{Spool, SpoolOptions};
 use tokio::sync::{watch, Notify};
 
+/// How often an unchanged status document is rewritten (its `updated_at` shows the agent is alive).
+const STATUS_REFRESH: Duration = Duration::from_secs(30);
+
 /// How long in-flight batches may take at shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -320,12 +323,24 @@ pub async fn run_agent(
     });
 
     let mut last_housekeeping = std::time::Instant::now();
+    let mut written: Option<(StatusDocument, std::time::Instant)> = None;
     loop {
         update_spool_state(&status, &spool);
         let doc = status_document(&id, &status, &spool, &counters);
-        if let Ok(json) = serde_json::to_vec_pretty(&doc) {
-            if let Err(e) = write_atomic(&path, &json) {
-                log::warn!(target: "agent", "cannot write {}: {e}", path.display());
+        // Write when something changed, else every STATUS_REFRESH: fsyncs every second would wear flash.
+        let unchanged = written.as_ref().is_some_and(|(w, at)| {
+            w.components == doc.components
+                && w.spool == doc.spool
+                && w.counters == doc.counters
+                && at.elapsed() < STATUS_REFRESH
+        });
+        if !unchanged {
+            match serde_json::to_vec_pretty(&doc)
+                .map_err(std::io::Error::other)
+                .and_then(|json| write_atomic(&path, &json))
+            {
+                Ok(()) => written = Some((doc, std::time::Instant::now())),
+                Err(e) => log::warn!(target: "agent", "cannot write {}: {e}", path.display()),
             }
         }
         if last_housekeeping.elapsed() > Duration::from_secs(3600) {

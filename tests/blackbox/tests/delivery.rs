@@ -246,5 +246,24 @@ fn certificate_credentials_work_with_rs256_and_ps256_and_gzip() -> anyhow::Resul
         stats["token_ok"].as_u64().unwrap_or(0) >= 2,
         "both tenants got tokens by assertion: {stats}"
     );
+    // The test certificate is valid for 2 days: the sensor warns ahead of its expiry.
+    let status = wait_for(
+        Duration::from_secs(20),
+        "secret_expiring for the certificates",
+        || {
+            sensor_status(dir.path()).filter(|s| {
+                s["components"]["tenant/cert0/Audit.Exchange"]["state"] == "secret_expiring"
+            })
+        },
+    )?;
+    let detail = status["components"]["tenant/cert1/Audit.General"]["detail"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        detail.contains("certificate expires in 2 day(s)")
+            || detail.contains("certificate expires in 1 day(s)"),
+        "{detail}"
+    );
     Ok(())
 }

@@ -30,6 +30,7 @@ fn customer_side_faults_show_as_precise_states() -> anyhow::Result<()> {
         tenant(4, "cloud = \"gcc-high\""),
         tenant(5, ""),
         tenant(6, ""),
+        tenant(7, ""),
     ]
     .concat();
     let sim = Sim::start(dir.path(), &scenario)?;
@@ -44,6 +45,13 @@ fn customer_side_faults_show_as_precise_states() -> anyhow::Result<()> {
         spec(4, "govcloud", "good"),
         spec(5, "wrongsecret", "b7e1c2d0-secret-id-not-value"),
         spec(6, "healthy", "good"),
+        TenantSpec {
+            extra: format!(
+                "client_secret_expires = \"{}\"",
+                (time::OffsetDateTime::now_utc() + time::Duration::days(10)).date()
+            ),
+            ..spec(7, "expiring", "good")
+        },
     ];
     let cfg = write_config(dir.path(), &sim, &rx, &tenants, "", "")?;
     let _sensor = start_sensor(dir.path(), &cfg, 0)?;
@@ -54,6 +62,7 @@ fn customer_side_faults_show_as_precise_states() -> anyhow::Result<()> {
         ("govcloud", "wrong_cloud", "AADSTS900382"),
         ("wrongsecret", "starting", "AADSTS7000215"),
         ("healthy", "ok", ""),
+        ("expiring", "secret_expiring", ""),
     ];
     let status = wait_for(
         Duration::from_secs(60),
@@ -81,6 +90,14 @@ fn customer_side_faults_show_as_precise_states() -> anyhow::Result<()> {
             );
         }
     }
+    let expiring = &status["components"]["tenant/expiring/Audit.General"];
+    assert!(
+        expiring["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("expires in 10 day(s)"),
+        "{expiring:#}"
+    );
     assert_eq!(status["overall"], "failed");
     let text = std::fs::read_to_string(dir.path().join("sensor-0.log"))?;
     assert!(
