@@ -66,7 +66,7 @@ else
     fail "unit exposure $exposure > $MAX_EXPOSURE"
 fi
 unit_has() { grep -qx "$1" "$UNIT"; }
-for line in "Type=exec" "ExecStart=/usr/bin/m365-sensor run --config /etc/m365-sensor/sensor.toml" \
+for line in "Type=notify" "NotifyAccess=main" "WatchdogSec=60" "ExecStart=/usr/bin/m365-sensor run --config /etc/m365-sensor/sensor.toml" \
     "User=m365-sensor" "StateDirectory=m365-sensor" "StateDirectoryMode=0700" "Restart=on-failure" \
     "KillSignal=SIGTERM" "TimeoutStopSec=30"; do
     check "unit has $line" unit_has "$line"

@@ -321,12 +321,29 @@ pub async fn run_agent(
         counters: counters.clone(),
         spool: spool.clone(),
     });
+    let mut notifier = crate::sdnotify::Notifier::from_env();
+    notifier.ready(&format!(
+        "collecting {} tenant(s)",
+        stages.config.tenants.len()
+    ));
+    let mut last_overall = None;
 
     let mut last_housekeeping = std::time::Instant::now();
     let mut written: Option<(StatusDocument, std::time::Instant)> = None;
     loop {
         update_spool_state(&status, &spool);
+        notifier.watchdog_tick();
         let doc = status_document(&id, &status, &spool, &counters);
+        if last_overall != Some(doc.overall) {
+            last_overall = Some(doc.overall);
+            notifier.status(
+                &format!(
+                    "{:?}: {} records spooled, {} delivered",
+                    doc.overall, doc.spool.records, doc.counters.records_delivered
+                )
+                .to_lowercase(),
+            );
+        }
         // Write when something changed, else every STATUS_REFRESH: fsyncs every second would wear flash.
         let unchanged = written.as_ref().is_some_and(|(w, at)| {
             w.components == doc.components
@@ -357,6 +374,7 @@ pub async fn run_agent(
             _ = shutdown.changed() => {}
             Some(()) = reload.recv() => {
                 if let Some(p) = &config_path {
+                    notifier.reloading();
                     match Config::load(p) {
                         Ok(new) => match stages.reload(&shared, new).await {
                             Ok(()) => log::info!(target: "agent", "configuration {} reloaded", p.display()),
@@ -364,6 +382,7 @@ pub async fn run_agent(
                         },
                         Err(e) => log::error!(target: "agent", "configuration refused, the running one is kept: {e}"),
                     }
+                    notifier.ready(&format!("collecting {} tenant(s)", stages.config.tenants.len()));
                 }
             }
         }
@@ -371,6 +390,7 @@ pub async fn run_agent(
             break;
         }
     }
+    notifier.stopping();
     log::info!(target: "agent", "shutting down: stopping collectors, draining in-flight batches");
     stages.stop().await;
     spool.close().context("closing the spool")?;

@@ -7,6 +7,7 @@ mod demo;
 mod doctor;
 mod harden;
 mod logging;
+mod sdnotify;
 mod status_cmd;
 
 use std::path::PathBuf;

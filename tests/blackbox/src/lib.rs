@@ -408,11 +408,22 @@ pub fn write_config(
 
 /// Starts `m365-sensor run --allow-root --config <config>` (tests run as root without the service user); its stderr goes to `dir/sensor-<n>.log`.
 pub fn start_sensor(dir: &Path, config: &Path, n: usize) -> Result<Proc> {
+    start_sensor_with_env(dir, config, n, &[])
+}
+
+/// [`start_sensor`] with extra environment variables.
+pub fn start_sensor_with_env(
+    dir: &Path,
+    config: &Path,
+    n: usize,
+    env: &[(&str, &str)],
+) -> Result<Proc> {
     Proc::spawn(
         Command::new(bin("m365-sensor")?)
             .args(["run", "--allow-root", "--config"])
             .arg(config)
-            .env("M365_SENSOR_LOG", "info"),
+            .env("M365_SENSOR_LOG", "info")
+            .envs(env.iter().copied()),
         dir.join(format!("sensor-{n}.log")),
     )
 }
