@@ -65,7 +65,8 @@ impl AuthError {
 }
 
 enum Credential {
-    Secret(String),
+    /// The secret's value; zeroed in memory when dropped.
+    Secret(zeroize::Zeroizing<String>),
     Certificate {
         key: Box<RsaKeyPair>,
         x5t: String,
@@ -181,19 +182,20 @@ impl TokenProvider {
     }
 
     async fn request(&self) -> Result<(String, Duration), AuthError> {
-        let mut form: Vec<(&str, String)> = vec![
-            ("grant_type", "client_credentials".into()),
-            ("client_id", self.client_id.clone()),
-            ("scope", self.scope.clone()),
+        // Zeroed when dropped; reqwest's copy of the encoded body is beyond our reach.
+        let mut form: Vec<(&str, zeroize::Zeroizing<String>)> = vec![
+            ("grant_type", String::from("client_credentials").into()),
+            ("client_id", self.client_id.clone().into()),
+            ("scope", self.scope.clone().into()),
         ];
         match &self.credential {
             Credential::Secret(s) => form.push(("client_secret", s.clone())),
             Credential::Certificate { .. } => {
                 form.push((
                     "client_assertion_type",
-                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+                    String::from("urn:ietf:params:oauth:client-assertion-type:jwt-bearer").into(),
                 ));
-                form.push(("client_assertion", self.assertion()?));
+                form.push(("client_assertion", self.assertion()?.into()));
             }
         }
         let resp = self
@@ -316,14 +318,14 @@ pub fn classify_entra_error(status: u16, body: &[u8]) -> AuthError {
     }
 }
 
-fn read_secret(path: &Path) -> Result<String, AuthError> {
-    let s = std::fs::read_to_string(path).map_err(|e| {
+fn read_secret(path: &Path) -> Result<zeroize::Zeroizing<String>, AuthError> {
+    let raw = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
         AuthError::Credential(format!(
             "cannot read the client secret file {}: {e}",
             path.display()
         ))
-    })?;
-    let s = s.trim().to_string();
+    })?);
+    let s = zeroize::Zeroizing::new(raw.trim().to_string());
     if s.is_empty() {
         return Err(AuthError::Credential(format!(
             "the client secret file {} is empty",

@@ -213,6 +213,16 @@ impl Collector {
                     s.set_cursor(&cfg.tenant_id, &self.content_type, &cursor)
                 })?;
             }
+            // The API answers and the window is handled: leave `starting` without waiting for the
+            // whole (possibly 7-day) first sweep.
+            if self
+                .t
+                .status
+                .get(&self.component)
+                .is_some_and(|c| matches!(c.state, State::Starting | State::WaitingForFirstContent))
+            {
+                self.report_ok();
+            }
         }
         if deep && contiguous {
             cursor.deep_swept_at = now.unix_timestamp();
