@@ -347,10 +347,26 @@ impl Config {
 
     /// Parses and validates `text`; `file` names it in errors.
     pub fn from_toml(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        let syntax = |e: toml::de::Error| ConfigError::Syntax {
             file: file.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
-        })?;
+        };
+        let config: Config = match toml::from_str(text) {
+            Ok(c) => c,
+            Err(e) => {
+                // serde stops at the first unknown key; report them all at once.
+                let unknown = toml::from_str::<toml::Value>(text)
+                    .map(|v| unknown_keys(&v))
+                    .unwrap_or_default();
+                if unknown.is_empty() {
+                    return Err(syntax(e));
+                }
+                return Err(ConfigError::Invalid {
+                    file: file.to_path_buf(),
+                    problems: unknown,
+                });
+            }
+        };
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)
@@ -548,6 +564,90 @@ impl Config {
     }
 }
 
+/// The keys of each table. Invariant: equal to the fields of the structs above (a unit test holds this).
+const TOP_KEYS: &[&str] = &["state_dir", "backend", "spool", "tenant", "network"];
+const BACKEND_KEYS: &[&str] = &[
+    "url",
+    "token_file",
+    "client_cert_file",
+    "client_key_file",
+    "ca_file",
+    "compression",
+    "batch_max_bytes",
+    "batch_max_records",
+    "batch_linger_ms",
+    "max_in_flight",
+    "connect_timeout_secs",
+    "request_timeout_secs",
+    "retry_max_secs",
+];
+const SPOOL_KEYS: &[&str] = &["max_bytes", "cache_bytes", "dedup_days"];
+const NETWORK_KEYS: &[&str] = &["proxy"];
+const TENANT_KEYS: &[&str] = &[
+    "name",
+    "tenant_id",
+    "client_id",
+    "client_secret_file",
+    "certificate_file",
+    "private_key_file",
+    "assertion_alg",
+    "cloud",
+    "content_types",
+    "backfill_hours",
+    "poll_interval_secs",
+    "lookback_hours",
+    "deep_sweep_hours",
+    "max_requests_per_minute",
+    "max_blob_bytes",
+    "request_timeout_secs",
+    "publisher_identifier",
+    "client_secret_expires",
+    "login_url",
+    "api_url",
+    "ca_file",
+];
+
+/// Every key of `v` that no table of the configuration has, each with the keys it could have meant.
+fn unknown_keys(v: &toml::Value) -> Vec<ConfigProblem> {
+    let mut out = Vec::new();
+    let mut check = |table: Option<&toml::value::Table>, prefix: &str, known: &[&str]| {
+        for key in table.into_iter().flat_map(|t| t.keys()) {
+            if !known.contains(&key.as_str()) {
+                out.push(ConfigProblem {
+                    field: format!("{prefix}{key}"),
+                    reason: format!("unknown key; expected one of {}", known.join(", ")),
+                });
+            }
+        }
+    };
+    check(v.as_table(), "", TOP_KEYS);
+    check(
+        v.get("backend").and_then(toml::Value::as_table),
+        "backend.",
+        BACKEND_KEYS,
+    );
+    check(
+        v.get("spool").and_then(toml::Value::as_table),
+        "spool.",
+        SPOOL_KEYS,
+    );
+    check(
+        v.get("network").and_then(toml::Value::as_table),
+        "network.",
+        NETWORK_KEYS,
+    );
+    for (i, t) in v
+        .get("tenant")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        check(t.as_table(), &format!("tenant[{i}]."), TENANT_KEYS);
+    }
+    out
+}
+
 /// Parses `YYYY-MM-DD`.
 pub fn parse_date(s: &str) -> Option<time::Date> {
     time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]")).ok()
@@ -658,6 +758,94 @@ backfill_hours = 200
         )
         .expect_err("unknown key");
         assert!(unknown.to_string().contains("bogus"), "{unknown}");
+    }
+
+    #[test]
+    fn unknown_keys_are_all_reported_and_the_key_lists_match_the_structs() {
+        let err = Config::from_toml(
+            "bogus = 1\n[backend]\nurl = \"https://x\"\ntokn_file = \"/t\"\n[[tenant]]\nname = \"a\"\nclient_secret = \"x\"\n",
+            Path::new("s.toml"),
+        )
+        .expect_err("unknown keys");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["bogus", "backend.tokn_file", "tenant[0].client_secret"]
+        );
+        // Every field of every struct, serialized with all options set, is a known key, and vice versa.
+        let t = TenantConfig {
+            name: "a".into(),
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            client_secret_file: Some("/s".into()),
+            certificate_file: Some("/c".into()),
+            private_key_file: Some("/k".into()),
+            assertion_alg: AssertionAlg::RS256,
+            cloud: Cloud::Commercial,
+            content_types: default_content_types(),
+            backfill_hours: 1,
+            poll_interval_secs: 1,
+            lookback_hours: 1,
+            deep_sweep_hours: 1,
+            max_requests_per_minute: 1,
+            max_blob_bytes: 1,
+            request_timeout_secs: 1,
+            publisher_identifier: Some("p".into()),
+            client_secret_expires: Some("2030-01-01".into()),
+            login_url: Some("https://l".into()),
+            api_url: Some("https://a".into()),
+            ca_file: Some("/ca".into()),
+        };
+        let b = BackendConfig {
+            url: "https://b".into(),
+            token_file: Some("/t".into()),
+            client_cert_file: Some("/c".into()),
+            client_key_file: Some("/k".into()),
+            ca_file: Some("/ca".into()),
+            compression: Compression::Zstd,
+            batch_max_bytes: 1,
+            batch_max_records: 1,
+            batch_linger_ms: 1,
+            max_in_flight: 1,
+            connect_timeout_secs: 1,
+            request_timeout_secs: 1,
+            retry_max_secs: 1,
+        };
+        let c = Config {
+            state_dir: "/s".into(),
+            backend: b,
+            spool: SpoolConfig::default(),
+            tenants: vec![t],
+            network: NetworkConfig {
+                proxy: Some("http://p".into()),
+            },
+        };
+        let v = toml::Value::try_from(&c).expect("serializes");
+        let keys = |v: Option<&toml::Value>| -> Vec<String> {
+            let mut k: Vec<String> = v
+                .and_then(toml::Value::as_table)
+                .map(|t| t.keys().cloned().collect())
+                .unwrap_or_default();
+            k.sort();
+            k
+        };
+        let sorted = |l: &[&str]| -> Vec<String> {
+            let mut k: Vec<String> = l.iter().map(|s| s.to_string()).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(Some(&v)), sorted(TOP_KEYS));
+        assert_eq!(keys(v.get("backend")), sorted(BACKEND_KEYS));
+        assert_eq!(keys(v.get("spool")), sorted(SPOOL_KEYS));
+        assert_eq!(keys(v.get("network")), sorted(NETWORK_KEYS));
+        assert_eq!(
+            keys(v.get("tenant").and_then(|t| t.get(0))),
+            sorted(TENANT_KEYS)
+        );
+        assert!(unknown_keys(&v).is_empty());
     }
 
     #[test]
