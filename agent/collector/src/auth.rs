@@ -85,7 +85,6 @@ struct Cached {
 pub struct TokenProvider {
     http: reqwest::Client,
     token_url: String,
-    tenant_id: String,
     client_id: String,
     scope: String,
     credential: Credential,
@@ -143,7 +142,6 @@ impl TokenProvider {
                 tenant.login_base(),
                 tenant.tenant_id
             ),
-            tenant_id: tenant.tenant_id.clone(),
             client_id: tenant.client_id.clone(),
             scope: tenant.cloud.scope(),
             credential,
@@ -269,7 +267,6 @@ impl TokenProvider {
             &mut sig,
         )
         .map_err(|_| AuthError::Credential("signing the client assertion failed".into()))?;
-        let _ = &self.tenant_id;
         Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
     }
 }
