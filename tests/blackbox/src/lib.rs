@@ -342,14 +342,8 @@ impl TenantSpec {
     }
 }
 
-/// All five content types.
-pub const ALL_CONTENT_TYPES: [&str; 5] = [
-    "Audit.AzureActiveDirectory",
-    "Audit.Exchange",
-    "Audit.SharePoint",
-    "Audit.General",
-    "DLP.All",
-];
+/// All five content types (the agent's own list).
+pub use sensor_core::CONTENT_TYPES as ALL_CONTENT_TYPES;
 
 /// Writes a sensor configuration in `dir/sensor.toml` pointing at `sim` and `rx`.
 pub fn write_config(
