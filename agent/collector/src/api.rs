@@ -231,21 +231,13 @@ pub fn classify(status: u16, body: &[u8], pause: impl FnOnce() -> Duration) -> A
     }
 }
 
-/// Parses `Retry-After` (seconds or HTTP date).
+/// The `Retry-After` of a response (seconds or HTTP date, clamped to [1 s, 15 min]).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers
+    headers
         .get(reqwest::header::RETRY_AFTER)?
         .to_str()
-        .ok()?
-        .trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+        .ok()
+        .and_then(sensor_core::timefmt::retry_after)
 }
 
 /// The client of one tenant's feed.

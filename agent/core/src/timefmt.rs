@@ -39,6 +39,21 @@ pub fn parse_api_time(s: &str) -> Option<OffsetDateTime> {
     })
 }
 
+/// Parses a `Retry-After` value (delay seconds or HTTP date), clamped to [1 s, 15 min] as the backend
+/// protocol asks; the same bounds keep a hostile Microsoft answer from pausing a tenant for days.
+pub fn retry_after(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = value.trim();
+    let d = match v.parse::<u64>() {
+        Ok(s) => Duration::from_secs(s),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(d.clamp(Duration::from_secs(1), Duration::from_secs(900)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +68,20 @@ mod tests {
         assert_eq!(api_time(a), "2015-06-29T20:03:19");
         assert_eq!(rfc3339(a), "2015-06-29T20:03:19Z");
         assert!(parse_api_time("yesterday").is_none());
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates_and_is_clamped() {
+        use std::time::Duration;
+        assert_eq!(retry_after("0"), Some(Duration::from_secs(1)));
+        assert_eq!(retry_after(" 5 "), Some(Duration::from_secs(5)));
+        assert_eq!(retry_after("99999"), Some(Duration::from_secs(900)));
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(20));
+        let d = retry_after(&date).expect("date");
+        assert!(
+            d >= Duration::from_secs(18) && d <= Duration::from_secs(20),
+            "{d:?}"
+        );
+        assert_eq!(retry_after("soon"), None);
     }
 }

@@ -124,19 +124,6 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// Parses `Retry-After` (seconds or HTTP date), clamped to [1 s, 15 min].
-pub fn parse_retry_after(v: Option<&str>) -> Option<Duration> {
-    let v = v?.trim();
-    let d = match v.parse::<u64>() {
-        Ok(s) => Duration::from_secs(s),
-        Err(_) => httpdate::parse_http_date(v)
-            .ok()?
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    };
-    Some(d.clamp(Duration::from_secs(1), Duration::from_secs(900)))
-}
-
 impl Relay {
     /// A relay for `cfg`, identified as `sensor_id`.
     pub fn new(
@@ -455,7 +442,9 @@ impl Relay {
                     );
                 }
                 429 | 503 => {
-                    let ra = parse_retry_after(retry_after.as_deref());
+                    let ra = retry_after
+                        .as_deref()
+                        .and_then(sensor_core::timefmt::retry_after);
                     let wait = self.back_off(ra, Duration::ZERO);
                     log::debug!(target: "relay", "backend overloaded (HTTP {status}); waiting {wait:?}");
                     self.status.set(
@@ -482,20 +471,6 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_is_clamped() {
-        assert_eq!(parse_retry_after(Some("0")), Some(Duration::from_secs(1)));
-        assert_eq!(parse_retry_after(Some("5")), Some(Duration::from_secs(5)));
-        assert_eq!(
-            parse_retry_after(Some("99999")),
-            Some(Duration::from_secs(900))
-        );
-        let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(20));
-        let d = parse_retry_after(Some(&date)).expect("date");
-        assert!(d >= Duration::from_secs(18) && d <= Duration::from_secs(20));
-        assert_eq!(parse_retry_after(Some("soon")), None);
-    }
 
     #[test]
     fn human_bytes_reads_like_a_person_writes() {

@@ -38,33 +38,9 @@ pub fn sensor_id(state_dir: &Path) -> Result<String> {
             return Ok(id);
         }
     }
-    let id = uuid_like();
+    let id = uuid::Uuid::new_v4().to_string();
     write_atomic(&path, id.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
-}
-
-fn uuid_like() -> String {
-    let b: [u8; 16] = rand_bytes();
-    format!(
-        "{}-{}-{}-{}-{}",
-        hex(&b[0..4]),
-        hex(&b[4..6]),
-        hex(&b[6..8]),
-        hex(&b[8..10]),
-        hex(&b[10..16])
-    )
-}
-
-fn rand_bytes() -> [u8; 16] {
-    let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    b
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the directory).
