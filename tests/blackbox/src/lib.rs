@@ -542,3 +542,70 @@ pub fn describe(v: &Verdict) -> String {
         v.altered.len(), few(&v.altered), v.invented.len(), few(&v.invented)
     )
 }
+
+/// A simulator `[[tenant]]` accepting `secret`, collecting `content_types`, followed by `body` (more
+/// scenario lines: history, faults, ...).
+pub fn sim_tenant(
+    tenant_id: &str,
+    client_id: &str,
+    secret: &str,
+    content_types: &[&str],
+    body: &str,
+) -> String {
+    let cts: Vec<String> = content_types.iter().map(|c| format!("\"{c}\"")).collect();
+    format!(
+        "[[tenant]]\ntenant_id = \"{tenant_id}\"\nclient_id = \"{client_id}\"\nclient_secrets = [\"{secret}\"]\ncontent_types = [{}]\n{body}\n\n",
+        cts.join(", ")
+    )
+}
+
+/// The rig most black-box tests need: a temporary directory, the simulator with one tenant, the
+/// receiver, and a sensor configuration naming that tenant. The sensor itself is started by the test.
+pub struct Rig {
+    /// The test's directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The simulator.
+    pub sim: Sim,
+    /// The receiver.
+    pub rx: Receiver,
+    /// The sensor's configuration file.
+    pub config: PathBuf,
+}
+
+impl Rig {
+    /// Starts the rig for one tenant `name` with the secret `s`; `sim_body` adds scenario lines and
+    /// `extra_backend` lines to the sensor's `[backend]`.
+    pub fn one_tenant(
+        name: &str,
+        tenant_id: &str,
+        client_id: &str,
+        content_types: &[&str],
+        sim_body: &str,
+        extra_backend: &str,
+    ) -> Result<Rig> {
+        let dir = tempfile::tempdir()?;
+        let sim = Sim::start(
+            dir.path(),
+            &sim_tenant(tenant_id, client_id, "s", content_types, sim_body),
+        )?;
+        let rx = Receiver::start(dir.path())?;
+        let tenant = TenantSpec::with_secret(name, tenant_id, client_id, "s", content_types);
+        let config = write_config(dir.path(), &sim, &rx, &[tenant], extra_backend, "")?;
+        Ok(Rig {
+            dir,
+            sim,
+            rx,
+            config,
+        })
+    }
+
+    /// Starts the sensor on the rig's configuration (log `sensor-<n>.log`).
+    pub fn start_sensor(&self, n: usize) -> Result<Proc> {
+        start_sensor(self.dir.path(), &self.config, n)
+    }
+
+    /// The sensor's status document.
+    pub fn status(&self) -> Option<Value> {
+        sensor_status(self.dir.path())
+    }
+}

@@ -12,33 +12,27 @@ const CID: &str = "8b7e1516-28ae-4d2a-a6d2-15883a9b1da1";
 
 #[test]
 fn too_large_batches_are_split_and_malformed_ones_quarantined() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let sim = Sim::start(
-        dir.path(),
-        &format!("[[tenant]]\ntenant_id = \"{TID}\"\nclient_id = \"{CID}\"\nclient_secrets = [\"s\"]\ncontent_types = [\"Audit.Exchange\"]\nhistory_hours = 6\nhistory_blobs_per_hour = 4\nrecords_per_blob = 30\nlive_blob_interval_ms = 0\n"),
+    let rig = Rig::one_tenant(
+        "splitter",
+        TID,
+        CID,
+        &["Audit.Exchange"],
+        "history_hours = 6\nhistory_blobs_per_hour = 4\nrecords_per_blob = 30\nlive_blob_interval_ms = 0",
+        "batch_max_records = 300\nbatch_linger_ms = 1000\nretry_max_secs = 2",
     )?;
-    let rx = Receiver::start(dir.path())?;
+    let (dir, sim, rx) = (rig.dir.path(), &rig.sim, &rig.rx);
     // The first batch is refused as malformed; later batches over 40 records are too large.
     rx.control(
         "/_rx/faults",
         json!({ "next_statuses": [{"status": 422}], "max_records_per_batch": 40 }),
     )?;
-    let tenant = TenantSpec::with_secret("splitter", TID, CID, "s", &["Audit.Exchange"]);
-    let cfg = write_config(
-        dir.path(),
-        &sim,
-        &rx,
-        &[tenant],
-        "batch_max_records = 300\nbatch_linger_ms = 1000\nretry_max_secs = 2",
-        "",
-    )?;
-    let _sensor = start_sensor(dir.path(), &cfg, 0)?;
+    let _sensor = rig.start_sensor(0)?;
 
     let status = wait_for(
         Duration::from_secs(90),
         "the spool to drain with one quarantined batch",
         || {
-            sensor_status(dir.path()).filter(|s| {
+            sensor_status(dir).filter(|s| {
                 s["spool"]["records"] == 0
                     && s["spool"]["quarantined"] == 1
                     && s["counters"]["records_spooled"].as_u64() > Some(0)
@@ -73,7 +67,7 @@ fn too_large_batches_are_split_and_malformed_ones_quarantined() -> anyhow::Resul
     );
     assert_eq!(s["key_conflicts"], 0);
     // The quarantined records are on disk, in the spool, with the reason.
-    let log = std::fs::read_to_string(dir.path().join("sensor-0.log"))?;
+    let log = std::fs::read_to_string(dir.join("sensor-0.log"))?;
     assert!(log.contains("quarantined: HTTP 422"), "{log}");
     Ok(())
 }

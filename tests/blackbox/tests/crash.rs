@@ -24,13 +24,12 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() -> anyhow::Result<()
     let dir = tempfile::tempdir()?;
     let sim = Sim::start(
         dir.path(),
-        &format!(
+        &sim_tenant(
+            TID,
+            CID,
+            "crash-secret",
+            &["Audit.Exchange", "Audit.SharePoint", "Audit.General"],
             r#"
-[[tenant]]
-tenant_id = "{TID}"
-client_id = "{CID}"
-client_secrets = ["crash-secret"]
-content_types = ["Audit.Exchange", "Audit.SharePoint", "Audit.General"]
 history_hours = 24
 history_blobs_per_hour = 3
 records_per_blob = 25
@@ -40,7 +39,7 @@ page_size = 10
 [tenant.faults]
 duplicate_fraction = 0.1
 late_fraction = 0.1
-"#
+"#,
         ),
     )?;
     let rx = Receiver::start(dir.path())?;

@@ -17,12 +17,12 @@ fn every_record_is_delivered_exactly_once_through_upstream_and_backend_faults() 
     let dir = tempfile::tempdir()?;
     let sim = Sim::start(
         dir.path(),
-        &format!(
+        &sim_tenant(
+            TID,
+            CID,
+            "s3cret-value",
+            &ALL_CONTENT_TYPES,
             r#"
-[[tenant]]
-tenant_id = "{TID}"
-client_id = "{CID}"
-client_secrets = ["s3cret-value"]
 token_lifetime_secs = 6
 history_hours = 168
 history_blobs_per_hour = 1
@@ -45,7 +45,7 @@ malformed_blobs = 4
 oversized_blobs = 1
 oversized_bytes = 400000
 nextpage_loop = true
-"#
+"#,
         ),
     )?;
     let rx = Receiver::start(dir.path())?;

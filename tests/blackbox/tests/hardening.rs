@@ -13,27 +13,16 @@ const CID: &str = "ad7e1516-28ae-4d2a-a6d2-15883a9b1da1";
 
 #[test]
 fn the_running_agent_is_locked_down() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let sim = Sim::start(dir.path(), &format!("[[tenant]]\ntenant_id = \"{TID}\"\nclient_id = \"{CID}\"\nclient_secrets = [\"s\"]\ncontent_types = [\"Audit.General\"]\nhistory_hours = 1\nlive_blob_interval_ms = 0\n"))?;
-    let rx = Receiver::start(dir.path())?;
-    let cfg = write_config(
-        dir.path(),
-        &sim,
-        &rx,
-        &[TenantSpec::with_secret(
-            "locked",
-            TID,
-            CID,
-            "s",
-            &["Audit.General"],
-        )],
-        "",
+    let rig = Rig::one_tenant(
+        "locked",
+        TID,
+        CID,
+        &["Audit.General"],
+        "history_hours = 1\nlive_blob_interval_ms = 0",
         "",
     )?;
-    let sensor = start_sensor(dir.path(), &cfg, 0)?;
-    wait_for(Duration::from_secs(30), "the status file", || {
-        sensor_status(dir.path())
-    })?;
+    let sensor = rig.start_sensor(0)?;
+    wait_for(Duration::from_secs(30), "the status file", || rig.status())?;
     let pid = sensor.child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     assert!(
@@ -53,7 +42,10 @@ fn the_running_agent_is_locked_down() -> anyhow::Result<()> {
         "core dumps off: {core}"
     );
     for f in ["state/status.json", "state/sensor_id", "state/spool/db"] {
-        let mode = std::fs::metadata(dir.path().join(f))?.permissions().mode() & 0o777;
+        let mode = std::fs::metadata(rig.dir.path().join(f))?
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode & 0o077, 0, "{f} has mode {mode:o}");
     }
     Ok(())

@@ -15,17 +15,17 @@ fn collection_pauses_at_the_cap_and_everything_drains_after_the_outage() -> anyh
     let dir = tempfile::tempdir()?;
     let sim = Sim::start(
         dir.path(),
-        &format!(
+        &sim_tenant(
+            TID,
+            CID,
+            "outage-secret",
+            &ALL_CONTENT_TYPES,
             r#"
-[[tenant]]
-tenant_id = "{TID}"
-client_id = "{CID}"
-client_secrets = ["outage-secret"]
 history_hours = 24
 history_blobs_per_hour = 4
 records_per_blob = 40
 live_blob_interval_ms = 0
-"#
+"#,
         ),
     )?;
     let rx = Receiver::start(dir.path())?;

@@ -9,32 +9,22 @@ use sensor_blackbox::*;
 
 #[test]
 fn ready_watchdog_and_stopping_reach_the_service_manager() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let tid = "c17e1516-28ae-4d2a-a6d2-15883a9b1d01";
-    let cid = "c17e1516-28ae-4d2a-a6d2-15883a9b1da1";
-    let sim = Sim::start(dir.path(), &format!("[[tenant]]\ntenant_id = \"{tid}\"\nclient_id = \"{cid}\"\nclient_secrets = [\"s\"]\ncontent_types = [\"Audit.General\"]\nhistory_hours = 1\nlive_blob_interval_ms = 0\n"))?;
-    let rx = Receiver::start(dir.path())?;
-    let cfg = write_config(
-        dir.path(),
-        &sim,
-        &rx,
-        &[TenantSpec::with_secret(
-            "notified",
-            tid,
-            cid,
-            "s",
-            &["Audit.General"],
-        )],
-        "",
+    let rig = Rig::one_tenant(
+        "notified",
+        "c17e1516-28ae-4d2a-a6d2-15883a9b1d01",
+        "c17e1516-28ae-4d2a-a6d2-15883a9b1da1",
+        &["Audit.General"],
+        "history_hours = 1\nlive_blob_interval_ms = 0",
         "",
     )?;
-    let sock_path = dir.path().join("notify.sock");
+    let dir = rig.dir.path();
+    let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path)?;
     sock.set_read_timeout(Some(Duration::from_secs(1)))?;
     let path = sock_path.to_string_lossy().into_owned();
     let mut sensor = start_sensor_with_env(
-        dir.path(),
-        &cfg,
+        dir,
+        &rig.config,
         0,
         &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "2000000")],
     )?;
