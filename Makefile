@@ -14,10 +14,12 @@ build:
 demo:
 	$(CARGO) run -q -p m365-sensor -- demo --records $(DEMO_RECORDS)
 
-## Unit, property and black-box tests (the black-box suites start the real binaries), then packaging.
+## Unit, property and black-box tests (the black-box suites start the real binaries), then packaging and the
+## static binaries (the aarch64 one under qemu-user).
 test: build
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) test-packaging
+	$(MAKE) test-dist
 
 ## The systemd unit's exposure score and the .deb installed into a scratch root (needs root, systemd-analyze).
 test-packaging: build
@@ -31,18 +33,22 @@ dist:
 test-dist: dist
 	scripts/check-dist.sh
 
-## Formatting and lints are policy (also for the appliance build without the demo).
+## Formatting, lints and the dependency policy (deny.toml) are policy (also for the appliance build).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p m365-sensor --no-default-features -- -D warnings
+	scripts/deny.sh
 
 fmt:
 	$(CARGO) fmt --all
 
-## Benchmarks print figures; no test asserts a time.
+## Benchmarks print figures; no test asserts a time. The multi-tenant run starts the release binaries
+## (simulator, sensor, receiver); TENANTS=N changes its tenant count (default 200).
 bench:
+	$(CARGO) build -q --release --workspace --bins
 	$(CARGO) run -q --release -p sensor-blackbox --bin spool-bench
+	$(CARGO) run -q --release -p sensor-blackbox --bin multi-tenant-bench
 
 clean:
 	$(CARGO) clean

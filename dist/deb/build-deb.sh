@@ -25,6 +25,7 @@
 # Needs only dpkg-deb (dpkg), coreutils, sed, od. The package contents:
 #   /usr/bin/m365-sensor                         0755 root:root
 #   /lib/systemd/system/m365-sensor.service      0644
+#   /lib/systemd/system/m365-sensor-reboot.{path,service} 0644 (the backend's `reboot` command)
 #   /etc/m365-sensor/sensor.toml.example         0640 (conffile; the postinst makes it root:m365-sensor)
 #   /usr/share/doc/m365-sensor/{README.md,copyright}
 # and the maintainer scripts postinst (user, group, directories), prerm (stop), postrm (purge).
@@ -45,7 +46,8 @@ COMPRESSION=${DEB_COMPRESSION:-xz}
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found (apt-get install dpkg)"
 [ -f "$BIN" ] || die "$BIN: no such file"
 [ -x "$BIN" ] || die "$BIN: not executable"
-for f in "$DIST/systemd/$PKG.service" "$DIST/sensor.toml.example" "$DIST/README.md"; do
+for f in "$DIST/systemd/$PKG.service" "$DIST/systemd/$PKG-reboot.path" "$DIST/systemd/$PKG-reboot.service" \
+    "$DIST/sensor.toml.example" "$DIST/README.md"; do
     [ -f "$f" ] || die "$f is missing"
 done
 
@@ -95,6 +97,8 @@ install -d -m 0755 "$ROOT/DEBIAN" "$ROOT/usr/bin" "$ROOT/lib/systemd/system" "$R
 install -d -m 0750 "$ROOT/etc/$PKG"
 install -m 0755 "$BIN" "$ROOT/usr/bin/$PKG"
 install -m 0644 "$DIST/systemd/$PKG.service" "$ROOT/lib/systemd/system/$PKG.service"
+install -m 0644 "$DIST/systemd/$PKG-reboot.path" "$ROOT/lib/systemd/system/$PKG-reboot.path"
+install -m 0644 "$DIST/systemd/$PKG-reboot.service" "$ROOT/lib/systemd/system/$PKG-reboot.service"
 install -m 0640 "$DIST/sensor.toml.example" "$ROOT/etc/$PKG/sensor.toml.example"
 install -m 0644 "$DIST/README.md" "$ROOT/usr/share/doc/$PKG/README.md"
 cat > "$ROOT/usr/share/doc/$PKG/copyright" <<'EOF'
@@ -211,7 +215,7 @@ if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
 fi
 
 if [ ! -e "$ROOT$CONF_DIR/sensor.toml" ]; then
-    echo "$PKG: write $CONF_DIR/sensor.toml (see sensor.toml.example), then: systemctl enable --now $PKG"
+    echo "$PKG: write $CONF_DIR/sensor.toml (see sensor.toml.example), then: systemctl enable --now $PKG $PKG-reboot.path"
 fi
 exit 0
 EOF

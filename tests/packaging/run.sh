@@ -134,6 +134,8 @@ owner() { stat -c %u:%g "$1"; }
 check "binary installed, 0755" test -x "$R/usr/bin/$PKG" -a "$(mode "$R/usr/bin/$PKG")" = 755
 check "installed binary runs --version ($PKG $VERSION)" test "$("$R/usr/bin/$PKG" --version)" = "$PKG $VERSION"
 check "unit file in /lib/systemd/system" cmp -s "$R/lib/systemd/system/$PKG.service" "$UNIT"
+check "reboot path unit installed" cmp -s "$R/lib/systemd/system/$PKG-reboot.path" dist/systemd/$PKG-reboot.path
+check "reboot service installed" cmp -s "$R/lib/systemd/system/$PKG-reboot.service" dist/systemd/$PKG-reboot.service
 check "example config installed, mode 0640" test -f "$R/etc/$PKG/sensor.toml.example" -a "$(mode "$R/etc/$PKG/sensor.toml.example")" = 640
 
 pw=$(grep "^$PKG:" "$R/etc/passwd" || true)

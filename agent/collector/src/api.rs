@@ -12,6 +12,7 @@ use reqwest::header::HeaderMap;
 use reqwest::Method;
 use sensor_core::counters::Counters;
 use serde::Deserialize;
+use time::OffsetDateTime;
 
 use crate::auth::{describe_reqwest, AuthError, TokenProvider};
 use crate::ratelimit::RateLimiter;
@@ -43,6 +44,25 @@ pub struct ContentItem {
     /// When it can no longer be fetched.
     #[serde(default)]
     pub content_expiration: Option<String>,
+}
+
+impl ContentItem {
+    /// When the content can no longer be fetched: `contentExpiration`, else `contentCreated` + 7 days
+    /// (Microsoft's retention), else `now` + 7 days. Unreadable times (and a `contentCreated` too late
+    /// for 7 days to be added) count as absent.
+    pub fn expires_at(&self, now: OffsetDateTime) -> OffsetDateTime {
+        let retention = time::Duration::days(7);
+        self.content_expiration
+            .as_deref()
+            .and_then(sensor_core::timefmt::parse_api_time)
+            .or_else(|| {
+                self.content_created
+                    .as_deref()
+                    .and_then(sensor_core::timefmt::parse_api_time)
+                    .and_then(|c| c.checked_add(retention))
+            })
+            .unwrap_or(now + retention)
+    }
 }
 
 /// A subscription as listed.
@@ -171,8 +191,10 @@ struct ErrorDetail {
     message: String,
 }
 
-/// Classifies a non-success API response by its body first, then its status.
+/// Classifies a non-success API response by its body first, then its status. The server's text (code
+/// and message) reaches the error only through [`sensor_core::status::redact`].
 pub fn classify(status: u16, body: &[u8], pause: impl FnOnce() -> Duration) -> ApiError {
+    use sensor_core::status::redact;
     let (code, message) = match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) => (b.error.code, b.error.message),
         Err(_) => (
@@ -181,7 +203,8 @@ pub fn classify(status: u16, body: &[u8], pause: impl FnOnce() -> Duration) -> A
         ),
     };
     let both = format!("{code} {message}");
-    let text = sensor_core::status::redact(message.lines().next().unwrap_or("").trim());
+    let code = redact(&code);
+    let text = redact(message.lines().next().unwrap_or("").trim());
     let text = if text.is_empty() {
         format!("HTTP {status}")
     } else {
@@ -196,7 +219,8 @@ pub fn classify(status: u16, body: &[u8], pause: impl FnOnce() -> Duration) -> A
             .trim()
             .to_string();
         return ApiError::AuditDisabled(format!(
-            "Microsoft.Office.Compliance.Audit.DataServiceException: {tenant_line}"
+            "Microsoft.Office.Compliance.Audit.DataServiceException: {}",
+            redact(&tenant_line)
         ));
     }
     match code.as_str() {
@@ -450,15 +474,7 @@ impl ApiClient {
             let (headers, body) = self
                 .send_retrying(Method::GET, &url, SMALL_BODY_CAP, LIST_RETRIES)
                 .await?;
-            let page: Vec<ContentItem> =
-                serde_json::from_slice(&body).map_err(|e| ApiError::BadResponse {
-                    what: "subscriptions/content",
-                    text: format!(
-                        "{e}: {}",
-                        String::from_utf8_lossy(&body[..body.len().min(200)])
-                    ),
-                })?;
-            items.extend(page);
+            items.extend(parse_listing(&body)?);
             let next = headers
                 .get("NextPageUri")
                 .or_else(|| headers.get("NextPageUrl"))
@@ -487,6 +503,19 @@ impl ApiClient {
             .await
             .map(|(_, b)| b)
     }
+}
+
+/// Parses one page of a content listing (`subscriptions/content`): a JSON array of [`ContentItem`]s.
+/// A body that is not one is a [`ApiError::BadResponse`] carrying serde's message and the first 200
+/// bytes of the body.
+pub fn parse_listing(body: &[u8]) -> Result<Vec<ContentItem>, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadResponse {
+        what: "subscriptions/content",
+        text: format!(
+            "{e}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ),
+    })
 }
 
 /// `scheme://host[:port]` of a URL.
@@ -549,6 +578,51 @@ mod tests {
             classify(502, b"<html>bad gateway</html>", || Duration::ZERO),
             ApiError::Server { .. }
         ));
+    }
+
+    #[test]
+    fn expiry_follows_expiration_then_creation_and_never_overflows() {
+        let now = time::macros::datetime!(2026-06-01 12:00 UTC);
+        let item = |created: Option<&str>, expiration: Option<&str>| ContentItem {
+            content_type: "Audit.Exchange".into(),
+            content_id: "a$b".into(),
+            content_uri: "https://manage.office.com/x".into(),
+            content_created: created.map(str::to_string),
+            content_expiration: expiration.map(str::to_string),
+        };
+        let at = |s| sensor_core::timefmt::parse_api_time(s).expect("time");
+        assert_eq!(
+            item(Some("2026-05-30T00:00:00"), Some("2026-06-02T00:00:00")).expires_at(now),
+            at("2026-06-02T00:00:00")
+        );
+        assert_eq!(
+            item(Some("2026-05-30T00:00:00"), None).expires_at(now),
+            at("2026-06-06T00:00:00")
+        );
+        assert_eq!(
+            item(None, Some("yesterday")).expires_at(now),
+            now + time::Duration::days(7)
+        );
+        // Found by fuzzing (fuzz/fuzz_targets/content_listing.rs): panicked ("resulting value is out
+        // of range"), which aborts the agent, and again on every restart while the item is listed.
+        assert_eq!(
+            item(Some("9999-12-31T23:59:59"), None).expires_at(now),
+            now + time::Duration::days(7)
+        );
+    }
+
+    #[test]
+    fn the_servers_text_is_redacted_code_included() {
+        // Found by fuzzing (fuzz/fuzz_targets/api_error.rs): the code and the DataServiceException line
+        // bypassed the redaction the message gets.
+        let body = br#"{"error":{"code":"X access_token=s3cr3t","message":"denied"}}"#;
+        let err = classify(400, body, || Duration::ZERO).to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
+        let body = br#"{"error":{"code":"","message":"DataServiceException: Tenant access_token=s3cr3t does not exist."}}"#;
+        match classify(400, body, || Duration::ZERO) {
+            ApiError::AuditDisabled(t) => assert!(!t.contains("s3cr3t"), "{t}"),
+            e => panic!("{e:?}"),
+        }
     }
 
     #[test]

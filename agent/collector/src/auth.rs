@@ -271,11 +271,13 @@ impl TokenProvider {
     }
 }
 
-/// Maps an Entra error response to an [`AuthError`] by its AADSTS code.
+/// Maps an Entra error response to an [`AuthError`] by its AADSTS code. The server's text is redacted: a
+/// proxy that echoes the token request must not put the secret or the assertion into the status.
 pub fn classify_entra_error(status: u16, body: &[u8]) -> AuthError {
+    use sensor_core::status::redact;
     let parsed: Option<EntraError> = serde_json::from_slice(body).ok();
     let Some(e) = parsed else {
-        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        let text = redact(&String::from_utf8_lossy(&body[..body.len().min(300)]));
         return AuthError::Unreachable(format!("token endpoint answered HTTP {status}: {text}"));
     };
     let first_line = e
@@ -297,10 +299,16 @@ pub fn classify_entra_error(status: u16, body: &[u8]) -> AuthError {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| e.error.clone());
-    let text = if first_line.is_empty() {
-        e.error.clone()
+    let code = redact(&code);
+    let text = redact(if first_line.is_empty() {
+        e.error.trim()
     } else {
-        first_line
+        &first_line
+    });
+    let text = if text.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        text
     };
     match code.as_str() {
         "AADSTS7000215" | "AADSTS7000216" | "AADSTS700027" | "AADSTS700023" | "AADSTS7000218" => {
@@ -411,5 +419,31 @@ mod tests {
             classify_entra_error(400, body),
             AuthError::Refused { .. }
         ));
+    }
+
+    #[test]
+    fn an_entra_error_without_text_still_names_the_answer() {
+        // Found by fuzzing (fuzz/fuzz_targets/entra_error.rs): `{}` became "Entra refused the request
+        // (): ", with nothing to act on.
+        let err = classify_entra_error(400, b"{}");
+        assert_eq!(
+            err,
+            AuthError::Refused {
+                code: String::new(),
+                text: "HTTP 400".into()
+            }
+        );
+    }
+
+    #[test]
+    fn entra_errors_never_carry_a_secret() {
+        // Found by fuzzing (fuzz/fuzz_targets/entra_error.rs): a proxy page echoing the token request
+        // put the client assertion into the error, hence into status.json and the logs.
+        let page = b"<html><body>Bad gateway: grant_type=client_credentials&client_assertion=eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl</body></html>";
+        let err = classify_entra_error(502, page).to_string();
+        assert!(!err.contains("eyJ"), "{err}");
+        let body = br#"{"error":"invalid_request client_secret=s3cr3t","error_description":"","error_codes":[]}"#;
+        let err = classify_entra_error(400, body).to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
     }
 }

@@ -254,17 +254,7 @@ impl Collector {
             return Ok(true);
         }
         let now = Self::now();
-        let expires = item
-            .content_expiration
-            .as_deref()
-            .and_then(sensor_core::timefmt::parse_api_time)
-            .or_else(|| {
-                item.content_created
-                    .as_deref()
-                    .and_then(sensor_core::timefmt::parse_api_time)
-                    .map(|c| c + time::Duration::days(7))
-            })
-            .unwrap_or(now + time::Duration::days(7));
+        let expires = item.expires_at(now);
         if expires <= now {
             self.lost(item, expires, "listed past its contentExpiration")?;
             return Ok(true);
@@ -329,6 +319,15 @@ impl Collector {
         Counters::add(&self.t.counters.records_spooled, outcome.spooled);
         Counters::add(&self.t.counters.duplicates_dropped, outcome.duplicates);
         Counters::add(&self.t.counters.blobs_committed, 1);
+        if let Some(created) = item
+            .content_created
+            .as_deref()
+            .and_then(sensor_core::timefmt::parse_api_time)
+        {
+            self.t
+                .status
+                .note_newest(&cfg.name, created.unix_timestamp());
+        }
         self.t.relay_wake.notify_one();
         Ok(true)
     }

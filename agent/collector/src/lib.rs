@@ -184,3 +184,11 @@ pub fn start_tenant(
         .map(|ct| tokio::spawn(collector::Collector::new(shared.clone(), ct).run()))
         .collect())
 }
+
+/// Asks Entra for a token with `tenant`'s credential, once: `Ok` when the credential works now. Used to
+/// test a rotated credential before it replaces the one in use.
+pub async fn check_credential(tenant: &TenantConfig, proxy: Option<&str>) -> Result<(), String> {
+    let http = tenant_http_client(tenant, proxy).map_err(|e| e.to_string())?;
+    let tokens = auth::TokenProvider::new(tenant, http).map_err(|e| e.to_string())?;
+    tokens.token().await.map(|_| ()).map_err(|e| e.to_string())
+}

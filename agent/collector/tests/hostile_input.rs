@@ -1,7 +1,8 @@
 //! Hostile input, checked on every `make test`: random and mutated bytes through every parser that reads
 //! what Microsoft (or something pretending to be it) sends: blobs, error bodies of the API and of Entra,
-//! and `Retry-After`. Each must answer with a typed result, never a panic. (Coverage-guided fuzzing with
-//! cargo-fuzz needs a nightly toolchain, which this project's machines cannot install.)
+//! and `Retry-After`. Each must answer with a typed result, never a panic. The same parsers, and more
+//! invariants, are fuzzed coverage-guided by `fuzz/` (`scripts/fuzz.sh`, stable Rust with
+//! `RUSTC_BOOTSTRAP=1`); this suite is the quick check that runs with every test.
 
 use std::time::Duration;
 

@@ -30,7 +30,34 @@ pub struct Config {
     /// Network settings shared by every request.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// Remote management (heartbeat).
+    #[serde(default)]
+    pub management: ManagementConfig,
 }
+
+/// `[management]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementConfig {
+    /// Time between heartbeats (the status document is also sent at every status change).
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+}
+
+fn default_heartbeat_secs() -> u64 {
+    60
+}
+
+impl Default for ManagementConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_secs: default_heartbeat_secs(),
+        }
+    }
+}
+
+/// Where enrolment installs the device identity inside the state directory (see `sensor_control::identity`).
+pub const IDENTITY_LINK: &str = "identity";
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/m365-sensor")
@@ -336,6 +363,25 @@ impl fmt::Display for ProblemList<'_> {
 }
 
 impl Config {
+    /// Fills the backend's mutual-TLS files from the enrolled identity (`<state_dir>/identity/`) when the
+    /// file names no device credential: the certificate and key, and (unless `ca_file` is set) the trust
+    /// anchors enrolment stored. A no-op when a credential is configured or the device is not enrolled.
+    pub fn use_enrolled_identity(&mut self) {
+        let b = &mut self.backend;
+        let link = self.state_dir.join(IDENTITY_LINK);
+        if b.token_file.is_none()
+            && b.client_cert_file.is_none()
+            && b.client_key_file.is_none()
+            && link.join("device.pem").exists()
+        {
+            b.client_cert_file = Some(link.join("device.pem"));
+            b.client_key_file = Some(link.join("device.key"));
+            if b.ca_file.is_none() {
+                b.ca_file = Some(link.join("trust.pem"));
+            }
+        }
+    }
+
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -402,10 +448,19 @@ impl Config {
                 "client_cert_file and client_key_file go together: set both for mutual TLS".into(),
             ),
             (None, None, Some(t)) => p.secret("backend.token_file", t),
-            (None, None, None) => p.add(
-                "backend",
-                "no device credential: set token_file, or client_cert_file and client_key_file (enrolment writes them)".into(),
-            ),
+            (None, None, None) => {
+                if !self
+                    .state_dir
+                    .join(IDENTITY_LINK)
+                    .join("device.pem")
+                    .exists()
+                {
+                    p.add(
+                        "backend",
+                        "no device credential: enrol the device (`m365-sensor enroll --backend URL --token TOKEN`), or set token_file, or client_cert_file and client_key_file".into(),
+                    )
+                }
+            }
         }
         if let Some(ca) = &b.ca_file {
             p.readable("backend.ca_file", ca);
@@ -427,6 +482,12 @@ impl Config {
         }
         if b.retry_max_secs == 0 || b.retry_max_secs > 900 {
             p.add("backend.retry_max_secs", "must be between 1 and 900".into());
+        }
+        if self.management.heartbeat_secs == 0 || self.management.heartbeat_secs > 3600 {
+            p.add(
+                "management.heartbeat_secs",
+                "must be between 1 and 3600".into(),
+            );
         }
         if self.spool.max_bytes < 1024 * 1024 {
             p.add("spool.max_bytes", "must be at least 1048576 (1 MiB)".into());
@@ -565,7 +626,15 @@ impl Config {
 }
 
 /// The keys of each table. Invariant: equal to the fields of the structs above (a unit test holds this).
-const TOP_KEYS: &[&str] = &["state_dir", "backend", "spool", "tenant", "network"];
+const TOP_KEYS: &[&str] = &[
+    "state_dir",
+    "backend",
+    "spool",
+    "tenant",
+    "network",
+    "management",
+];
+const MANAGEMENT_KEYS: &[&str] = &["heartbeat_secs"];
 const BACKEND_KEYS: &[&str] = &[
     "url",
     "token_file",
@@ -635,6 +704,11 @@ fn unknown_keys(v: &toml::Value) -> Vec<ConfigProblem> {
         v.get("network").and_then(toml::Value::as_table),
         "network.",
         NETWORK_KEYS,
+    );
+    check(
+        v.get("management").and_then(toml::Value::as_table),
+        "management.",
+        MANAGEMENT_KEYS,
     );
     for (i, t) in v
         .get("tenant")
@@ -822,6 +896,7 @@ backfill_hours = 200
             network: NetworkConfig {
                 proxy: Some("http://p".into()),
             },
+            management: ManagementConfig::default(),
         };
         let v = toml::Value::try_from(&c).expect("serializes");
         let keys = |v: Option<&toml::Value>| -> Vec<String> {
@@ -841,6 +916,7 @@ backfill_hours = 200
         assert_eq!(keys(v.get("backend")), sorted(BACKEND_KEYS));
         assert_eq!(keys(v.get("spool")), sorted(SPOOL_KEYS));
         assert_eq!(keys(v.get("network")), sorted(NETWORK_KEYS));
+        assert_eq!(keys(v.get("management")), sorted(MANAGEMENT_KEYS));
         assert_eq!(
             keys(v.get("tenant").and_then(|t| t.get(0))),
             sorted(TENANT_KEYS)

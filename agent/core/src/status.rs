@@ -181,15 +181,76 @@ pub struct StatusDocument {
     pub counters: CountersSnapshot,
     /// Process id of the agent that wrote it.
     pub pid: u32,
+    /// Seconds since the agent started.
+    #[serde(default)]
+    pub uptime_secs: u64,
+    /// The managed configuration: the version applied and the last one refused, with its problems.
+    #[serde(default)]
+    pub config: ConfigStatus,
+    /// Per tenant (by name): how far behind the newest spooled content is.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantFigures>,
+}
+
+/// Where the managed configuration stands.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfigStatus {
+    /// The managed configuration version in force (0: the local file alone).
+    pub version: u64,
+    /// The last version refused, if newer than `version`.
+    pub refused_version: Option<u64>,
+    /// Why it was refused: one line per problem, naming the key.
+    pub errors: Vec<String>,
+}
+
+/// One tenant's freshness.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TenantFigures {
+    /// `contentCreated` of the newest content spooled since start, RFC 3339 UTC.
+    pub newest_content_at: Option<String>,
+    /// Now minus that, in seconds.
+    pub lag_secs: Option<i64>,
 }
 
 /// The live status of all components. Invariant: updates are cheap and idempotent.
 #[derive(Debug, Default)]
 pub struct StatusBoard {
     inner: Mutex<BTreeMap<String, ComponentStatus>>,
+    newest: Mutex<BTreeMap<String, i64>>,
 }
 
 impl StatusBoard {
+    /// Notes that content created at `unix` (seconds) was spooled for `tenant`; keeps the newest.
+    pub fn note_newest(&self, tenant: &str, unix: i64) {
+        let mut m = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(tenant.to_string()).or_insert(unix);
+        *e = (*e).max(unix);
+    }
+
+    /// Per tenant, the figures of [`TenantFigures`] at `now` (Unix seconds), for every name in `tenants`.
+    pub fn tenant_figures<'a>(
+        &self,
+        tenants: impl IntoIterator<Item = &'a str>,
+        now: i64,
+    ) -> BTreeMap<String, TenantFigures> {
+        let m = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        tenants
+            .into_iter()
+            .map(|name| {
+                let newest = m.get(name).copied();
+                let figures = TenantFigures {
+                    newest_content_at: newest.and_then(|n| {
+                        time::OffsetDateTime::from_unix_timestamp(n)
+                            .ok()
+                            .map(crate::timefmt::rfc3339)
+                    }),
+                    lag_secs: newest.map(|n| (now - n).max(0)),
+                };
+                (name.to_string(), figures)
+            })
+            .collect()
+    }
+
     /// Sets `component` to `state`. Keeps `since` when the state is unchanged. Returns whether the state
     /// changed (callers log once per change, not once per poll).
     pub fn set(

@@ -4,12 +4,13 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
-/// Formats `t` as RFC 3339 UTC with second precision, e.g. `2026-11-25T10:00:00Z`.
+/// Formats `t` as RFC 3339 UTC with second precision, e.g. `2026-11-25T10:00:00Z`; as Unix seconds if
+/// it has no such form (its UTC date is past year 9999, e.g. a served `9999-12-31T23:00:00-05:00`).
 pub fn rfc3339(t: OffsetDateTime) -> String {
-    let t = t
-        .to_offset(time::UtcOffset::UTC)
-        .replace_nanosecond(0)
-        .unwrap_or(t);
+    let Some(t) = t.checked_to_offset(time::UtcOffset::UTC) else {
+        return t.unix_timestamp().to_string();
+    };
+    let t = t.replace_nanosecond(0).unwrap_or(t);
     t.format(&Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
@@ -46,6 +47,8 @@ pub fn retry_after(value: &str) -> Option<std::time::Duration> {
     let v = value.trim();
     let d = match v.parse::<u64>() {
         Ok(s) => Duration::from_secs(s),
+        // More seconds than a u64 holds is still a delay: the longest one, not "no value".
+        Err(_) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => Duration::MAX,
         Err(_) => httpdate::parse_http_date(v)
             .ok()?
             .duration_since(std::time::SystemTime::now())
@@ -71,6 +74,15 @@ mod tests {
     }
 
     #[test]
+    fn times_beyond_utc_year_9999_format_as_unix_seconds() {
+        // Found with the content_listing fuzz target (fuzz/fuzz_targets/content_listing.rs): a served
+        // contentExpiration whose UTC is in year 10000 panicked ("local datetime out of valid range")
+        // when the collector logged the content as lost.
+        let t = parse_api_time("9999-12-31T23:59:59-23:59").expect("valid RFC 3339");
+        assert_eq!(rfc3339(t), t.unix_timestamp().to_string());
+    }
+
+    #[test]
     fn retry_after_takes_seconds_and_dates_and_is_clamped() {
         use std::time::Duration;
         assert_eq!(retry_after("0"), Some(Duration::from_secs(1)));
@@ -83,5 +95,18 @@ mod tests {
             "{d:?}"
         );
         assert_eq!(retry_after("soon"), None);
+    }
+
+    #[test]
+    fn retry_after_beyond_u64_seconds_is_the_longest_wait() {
+        // Found by fuzzing (fuzz/fuzz_targets/backend_response.rs): was None, so an overloaded backend
+        // asking for a very long pause got retried after about a second.
+        use std::time::Duration;
+        assert_eq!(
+            retry_after("184467440737095516167"),
+            Some(Duration::from_secs(900))
+        );
+        assert_eq!(retry_after(""), None);
+        assert_eq!(retry_after("-5"), None);
     }
 }

@@ -46,6 +46,62 @@ enum Outcome {
     SpoolFailed(String),
 }
 
+/// What the backend's answer to one delivery asks of the relay (`backend-protocol.md`, "Responses").
+/// The action follows from the status alone; the body is only quoted, cut to [`ANSWER_TEXT_CHARS`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// 200/202 (stored) or 409 (`already_stored`: this key was stored before): delete the batch.
+    Acked {
+        /// The answer was 409.
+        already_stored: bool,
+    },
+    /// 413: split the batch.
+    TooLarge,
+    /// 400/422: quarantine the batch, for `reason`.
+    Malformed {
+        /// `HTTP <status>: <body>`.
+        reason: String,
+    },
+    /// 401/403: the device credential was refused; retry slowly.
+    AuthFailed {
+        /// `HTTP <status>: <body>`.
+        text: String,
+    },
+    /// 429/503: overloaded; wait `retry_after` when the backend gave a readable one, else back off.
+    Overloaded {
+        /// `Retry-After`, clamped to [1 s, 15 min].
+        retry_after: Option<Duration>,
+    },
+    /// Anything else: a transient failure.
+    Failed {
+        /// `HTTP <status>: <body>`.
+        text: String,
+    },
+}
+
+/// How much of an answer's body is kept in logs, the status and quarantine reasons, in characters.
+pub const ANSWER_TEXT_CHARS: usize = 300;
+
+/// Reads the backend's answer: its status, its `Retry-After` header (if any) and its body.
+pub fn read_answer(status: u16, retry_after: Option<&str>, body: &str) -> Answer {
+    let text = || {
+        let quoted: String = body.chars().take(ANSWER_TEXT_CHARS).collect();
+        format!("HTTP {status}: {quoted}")
+    };
+    match status {
+        200 | 202 | 409 => Answer::Acked {
+            already_stored: status == 409,
+        },
+        413 => Answer::TooLarge,
+        400 | 422 => Answer::Malformed { reason: text() },
+        401 | 403 => Answer::AuthFailed { text: text() },
+        429 | 503 => Answer::Overloaded {
+            retry_after: retry_after.and_then(sensor_core::timefmt::retry_after),
+        },
+        _ => Answer::Failed { text: text() },
+    }
+}
+
 /// Shared back-off state. Invariant: `not_before` only moves forward until a success resets the streak.
 #[derive(Debug)]
 struct Backoff {
@@ -92,6 +148,20 @@ pub fn backend_http_client(
     b.build().map_err(|e| RelayError::Client(e.to_string()))
 }
 
+/// The bearer token of `backend.token_file`, when the backend is not spoken to with mutual TLS.
+pub fn backend_bearer(cfg: &BackendConfig) -> Result<Option<String>, RelayError> {
+    match (&cfg.client_cert_file, &cfg.token_file) {
+        (None, Some(path)) => {
+            let t = std::fs::read_to_string(path).map_err(|e| RelayError::Token {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            Ok(Some(t.trim().to_string()))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Compresses `body` with `c`.
 pub fn compress(c: Compression, body: &[u8]) -> std::io::Result<Vec<u8>> {
     match c {
@@ -136,16 +206,7 @@ impl Relay {
         wake: Arc<Notify>,
     ) -> Result<Self, RelayError> {
         let http = backend_http_client(&cfg, proxy)?;
-        let bearer = match (&cfg.client_cert_file, &cfg.token_file) {
-            (None, Some(path)) => {
-                let t = std::fs::read_to_string(path).map_err(|e| RelayError::Token {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                Some(t.trim().to_string())
-            }
-            _ => None,
-        };
+        let bearer = backend_bearer(&cfg)?;
         status.set("backend", State::Starting, None, None);
         Ok(Self {
             http,
@@ -377,7 +438,7 @@ impl Relay {
                 r = req.send() => r,
                 _ = shutdown.changed() => return Outcome::Stopped,
             };
-            let (status, retry_after, text) = match resp {
+            let (status, answer) = match resp {
                 Ok(r) => {
                     let status = r.status().as_u16();
                     let ra = r
@@ -386,7 +447,7 @@ impl Relay {
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
                     let text = r.text().await.unwrap_or_default();
-                    (status, ra, text)
+                    (status, read_answer(status, ra.as_deref(), &text))
                 }
                 Err(e) => {
                     let wait = self.back_off(None, Duration::ZERO);
@@ -401,15 +462,14 @@ impl Relay {
                     continue;
                 }
             };
-            let text: String = text.chars().take(300).collect();
-            match status {
-                200 | 202 | 409 => {
+            match answer {
+                Answer::Acked { already_stored } => {
                     if let Err(e) = tokio::task::block_in_place(|| self.spool.ack_batch(desc.seq)) {
                         return Outcome::SpoolFailed(e.to_string());
                     }
                     self.succeeded();
                     Counters::add(&self.counters.batches_acked, 1);
-                    if status == 409 {
+                    if already_stored {
                         Counters::add(&self.counters.batches_already_stored, 1);
                     }
                     Counters::add(&self.counters.records_delivered, desc.records);
@@ -418,9 +478,8 @@ impl Relay {
                     self.status.set("backend", State::Ok, None, None);
                     return Outcome::Acked;
                 }
-                413 => return Outcome::TooLarge(desc),
-                400 | 422 => {
-                    let reason = format!("HTTP {status}: {text}");
+                Answer::TooLarge => return Outcome::TooLarge(desc),
+                Answer::Malformed { reason } => {
                     log::error!(target: "relay", "backend rejected batch {} as malformed; quarantined: {reason}", desc.seq);
                     if let Err(e) = tokio::task::block_in_place(|| {
                         self.spool.quarantine_batch(desc.seq, &reason)
@@ -432,20 +491,17 @@ impl Relay {
                         .set("quarantine", State::Quarantined, Some(reason), None);
                     return Outcome::Quarantined;
                 }
-                401 | 403 => {
+                Answer::AuthFailed { text } => {
                     self.back_off(None, Duration::from_secs(60));
                     self.status.set(
                         "backend",
                         State::BackendAuthFailed,
-                        Some(format!("HTTP {status}: {text}")),
+                        Some(text),
                         Some(self.buffered()),
                     );
                 }
-                429 | 503 => {
-                    let ra = retry_after
-                        .as_deref()
-                        .and_then(sensor_core::timefmt::retry_after);
-                    let wait = self.back_off(ra, Duration::ZERO);
+                Answer::Overloaded { retry_after } => {
+                    let wait = self.back_off(retry_after, Duration::ZERO);
                     log::debug!(target: "relay", "backend overloaded (HTTP {status}); waiting {wait:?}");
                     self.status.set(
                         "backend",
@@ -454,12 +510,12 @@ impl Relay {
                         Some(format!("backend overloaded, {}", self.buffered())),
                     );
                 }
-                _ => {
+                Answer::Failed { text } => {
                     self.back_off(None, Duration::ZERO);
                     self.status.set(
                         "backend",
                         State::BackendUnreachable,
-                        Some(format!("HTTP {status}: {text}")),
+                        Some(text),
                         Some(format!("backend failing, {}", self.buffered())),
                     );
                 }
@@ -476,6 +532,43 @@ mod tests {
     fn human_bytes_reads_like_a_person_writes() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(2_254_857_830), "2.1 GiB");
+    }
+
+    #[test]
+    fn answers_follow_the_protocol_table() {
+        assert_eq!(
+            read_answer(202, None, r#"{"accepted":3,"duplicates":0}"#),
+            Answer::Acked {
+                already_stored: false
+            }
+        );
+        assert_eq!(
+            read_answer(409, None, ""),
+            Answer::Acked {
+                already_stored: true
+            }
+        );
+        assert_eq!(read_answer(413, None, ""), Answer::TooLarge);
+        assert_eq!(
+            read_answer(422, None, "bad line 3"),
+            Answer::Malformed {
+                reason: "HTTP 422: bad line 3".into()
+            }
+        );
+        assert_eq!(
+            read_answer(503, Some("7"), ""),
+            Answer::Overloaded {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        assert_eq!(
+            read_answer(429, Some("soon"), ""),
+            Answer::Overloaded { retry_after: None }
+        );
+        let Answer::Failed { text } = read_answer(500, None, &"é".repeat(1000)) else {
+            panic!("500 is a transient failure")
+        };
+        assert_eq!(text.chars().count(), "HTTP 500: ".len() + ANSWER_TEXT_CHARS);
     }
 
     #[test]

@@ -56,7 +56,8 @@ pub async fn run(config_path: &Path) -> i32 {
     let mut r = Report { worst: Verdict::Ok };
     println!("m365-sensor doctor: {}", config_path.display());
     let config = match Config::load(config_path) {
-        Ok(c) => {
+        Ok(mut c) => {
+            c.use_enrolled_identity();
             r.line(
                 Verdict::Ok,
                 "configuration",

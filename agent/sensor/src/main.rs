@@ -2,9 +2,11 @@
 //! lives in the library crates under `agent/`.
 
 mod agent;
+mod control;
 #[cfg(feature = "demo")]
 mod demo;
 mod doctor;
+mod enroll_cmd;
 mod harden;
 mod logging;
 mod sdnotify;
@@ -58,6 +60,28 @@ enum Command {
         /// Configuration file.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Enrols the device with the backend: generates its key pair here, sends a CSR with the single-use
+    /// token, installs the returned certificate for mutual TLS.
+    Enroll {
+        /// The backend's base URL (default: `backend.url` of the configuration file).
+        #[arg(long)]
+        backend: Option<String>,
+        /// The enrolment token (prefer --token-file: a command line is visible to other users).
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// File holding the enrolment token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Configuration file (for state_dir, network.proxy, backend.url and backend.ca_file); optional.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Extra trust anchors (PEM) for the backend's server certificate (default: backend.ca_file).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Enrol again although the device already has an identity.
+        #[arg(long)]
+        force: bool,
     },
     /// Validates the configuration and prints every error at once.
     CheckConfig {
@@ -126,6 +150,24 @@ fn real_main(cli: Cli) -> Result<i32> {
             status_cmd::print_status(&state_dir, json)
         }
         Command::Doctor { config } => Ok(runtime()?.block_on(doctor::run(&config))),
+        Command::Enroll {
+            backend,
+            token,
+            token_file,
+            config,
+            ca_file,
+            force,
+        } => {
+            logging::init(cli.log_level.as_deref());
+            runtime()?.block_on(enroll_cmd::run(enroll_cmd::Args {
+                backend,
+                token,
+                token_file,
+                config,
+                ca_file,
+                force,
+            }))
+        }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: OK ({} tenant(s))", config.display(), c.tenants.len());

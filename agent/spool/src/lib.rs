@@ -91,7 +91,7 @@ pub struct RawRecord<'a> {
 }
 
 /// A collector's durable position for one tenant × content type. Invariant: `listed_until` never
-/// decreases once stored.
+/// decreases once stored, except through [`Spool::rewind_cursor`] (an explicit, logged resync).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     /// Everything listed with `contentCreated` before this (Unix seconds) has been handled.
@@ -530,6 +530,27 @@ impl Spool {
         let merged = self.merged_cursor(&source, cursor)?;
         self.main.insert(keys::cursor_key(&source), json(&merged))?;
         self.make_durable(&format!("cursor {source}"))
+    }
+
+    /// Moves `listed_until` back to `to` (Unix seconds) so that the window from there is listed again:
+    /// the resync command. Done blobs stay done and seen records stay seen, so nothing is delivered twice.
+    /// Call only while no collector of that source runs (it would write its own cursor back).
+    pub fn rewind_cursor(
+        &self,
+        tenant_id: &str,
+        content_type: &str,
+        to: i64,
+    ) -> Result<(), SpoolError> {
+        let _inner = self.lock();
+        let source = format!("{tenant_id}/{content_type}");
+        let mut cursor = self.cursor_by_source(&source)?.unwrap_or_default();
+        if cursor.listed_until <= to {
+            return Ok(());
+        }
+        log::info!(target: "spool", "cursor of {source} rewound from {} to {to} (resync)", cursor.listed_until);
+        cursor.listed_until = to;
+        self.main.insert(keys::cursor_key(&source), json(&cursor))?;
+        self.make_durable(&format!("cursor {source} rewound"))
     }
 
     /// Whether a blob is already done (spooled, expired or quarantined).

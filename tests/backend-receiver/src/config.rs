@@ -1,11 +1,14 @@
 //! Configuration and errors of the receiver.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// Default cap on the compressed body of one request: 32 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Default cap on the decompressed body of one request: 64 MiB.
 pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 64 * 1024 * 1024;
+/// Default validity of the device certificates issued at enrolment and renewal: 365 days.
+pub const DEFAULT_DEVICE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// How to run a receiver. Both listeners bind loopback addresses in tests; port 0 picks a free port.
 #[derive(Clone, Debug)]
@@ -22,6 +25,11 @@ pub struct ReceiverConfig {
     pub max_decompressed_bytes: usize,
     /// Common name of the device certificate issued at start-up.
     pub device_cn: String,
+    /// Single-use enrolment tokens accepted by `POST /v1/enroll` (more can be added at run time).
+    pub enrollment_tokens: Vec<String>,
+    /// Validity of the certificates issued by `POST /v1/enroll` and `POST /v1/renew` (whole seconds;
+    /// short in tests that exercise renewal).
+    pub device_cert_validity: Duration,
 }
 
 impl Default for ReceiverConfig {
@@ -33,6 +41,8 @@ impl Default for ReceiverConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             device_cn: "m365-sensor-device".to_string(),
+            enrollment_tokens: Vec::new(),
+            device_cert_validity: DEFAULT_DEVICE_CERT_VALIDITY,
         }
     }
 }

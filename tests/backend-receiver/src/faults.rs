@@ -1,5 +1,5 @@
 //! Fault injection for the main port: queued statuses, every-Nth statuses, slow answers, a lower body
-//! limit and a record limit. Set through `POST /_rx/faults` or [`crate::ReceiverHandle::set_faults`].
+//! limit and a record limit on ingest; garbage enrolment and config answers, a heartbeat status. Set through `POST /_rx/faults` or [`crate::ReceiverHandle::set_faults`].
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
@@ -64,6 +64,14 @@ pub struct Faults {
     /// 413 when a batch holds more records than this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_records_per_batch: Option<usize>,
+    /// `POST /v1/enroll` answers 201 with a body that is not the protocol's JSON (JSON cut short);
+    /// nothing is issued and the token stays unused.
+    pub enroll_garbage: bool,
+    /// `POST /v1/heartbeat` answers this status (`{"error":...}`), storing and delivering nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_status: Option<u16>,
+    /// `GET /v1/config` answers 200 with invalid JSON (after authentication; counted as a fetch).
+    pub config_garbage: bool,
 }
 
 /// The live fault state: the configured faults plus the queue and the request counter.
@@ -120,6 +128,21 @@ impl FaultState {
     pub fn max_records(&self) -> Option<usize> {
         self.faults.max_records_per_batch
     }
+
+    /// Whether enrolment answers garbage.
+    pub fn enroll_garbage(&self) -> bool {
+        self.faults.enroll_garbage
+    }
+
+    /// The status heartbeats answer, if any.
+    pub fn heartbeat_status(&self) -> Option<u16> {
+        self.faults.heartbeat_status
+    }
+
+    /// Whether the config endpoint answers garbage.
+    pub fn config_garbage(&self) -> bool {
+        self.faults.config_garbage
+    }
 }
 
 #[cfg(test)]
@@ -162,10 +185,13 @@ mod tests {
     fn faults_json_shape() {
         let f: Faults = serde_json::from_str(
             r#"{"next_statuses":[{"status":503,"retry_after":"2"},{"status":429,"retry_after_http_date_secs":3},{"status":500}],
-                "status_every":{"every":5,"status":500},"slow_ms":0,"max_body_bytes":100,"max_records_per_batch":10}"#,
+                "status_every":{"every":5,"status":500},"slow_ms":0,"max_body_bytes":100,"max_records_per_batch":10,
+                "enroll_garbage":true,"heartbeat_status":503,"config_garbage":true}"#,
         )
         .expect("parses");
         assert_eq!(f.next_statuses.len(), 3);
+        assert_eq!(f.heartbeat_status, Some(503));
+        assert!(f.enroll_garbage && f.config_garbage);
         assert!(serde_json::from_str::<Faults>(r#"{"bogus":1}"#).is_err());
     }
 }

@@ -1,10 +1,10 @@
-//! The main port's handlers: `POST /v1/ingest`, `POST /v1/heartbeat`, `GET /v1/config`.
+//! The main port's ingest handler, `POST /v1/ingest`, and its streamed batch parser.
 //!
 //! Order of checks on ingest: injected fault (after `slow_ms`), authentication (401), headers (400/415),
 //! compressed size (413), streamed capped decompression (413/400), NDJSON lines (422), `X-Record-Count`
 //! (400), record limit fault (413), Idempotency-Key already stored (409), store (200).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -12,73 +12,22 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::faults::StatusFault;
+use crate::http::{
+    authenticated, bomb, check_common_headers, content_encoding, decoder, decompress_error,
+    header_str, read_body, Encoding, Reject,
+};
 use crate::server::Shared;
 use crate::truth::{ParsedBatch, ParsedRecord, StoreOutcome};
-
-/// At most this many bytes of an over-limit body are read and discarded before answering 413, so that
-/// an HTTP/1.1 client still reads the answer.
-const MAX_DRAIN_BYTES: usize = 256 * 1024 * 1024;
-
-/// A refusal: a status and a message, answered as `{"error":"..."}`.
-#[derive(Debug)]
-pub(crate) struct Reject {
-    status: StatusCode,
-    message: String,
-}
-
-impl Reject {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for Reject {
-    fn into_response(self) -> Response {
-        let mut resp = (
-            self.status,
-            Json(serde_json::json!({ "error": self.message })),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        resp
-    }
-}
-
-/// The supported body encodings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Encoding {
-    Zstd,
-    Gzip,
-    Identity,
-}
-
-impl Encoding {
-    fn name(self) -> &'static str {
-        match self {
-            Encoding::Zstd => "zstd",
-            Encoding::Gzip => "gzip",
-            Encoding::Identity => "identity",
-        }
-    }
-}
 
 /// `POST /v1/ingest`.
 pub(crate) async fn ingest(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    check_common_headers(&shared, &parts.headers, "ingest");
+    check_common_headers(&shared, &parts, "ingest");
     let (fault, slow, body_limit, max_records) = {
         let mut f = shared.lock_faults();
         (
@@ -107,7 +56,7 @@ pub(crate) async fn ingest(State(shared): State<Arc<Shared>>, req: Request) -> R
     resp
 }
 
-fn fault_response(f: &StatusFault) -> Response {
+pub(crate) fn fault_response(f: &StatusFault) -> Response {
     let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = Reject::new(status, format!("injected fault {}", f.status)).into_response();
     if let Some(v) = f
@@ -222,103 +171,6 @@ async fn ingest_inner(
     }
 }
 
-/// `POST /v1/heartbeat`: stores the (optionally zstd/gzip-encoded) JSON status document.
-pub(crate) async fn heartbeat(State(shared): State<Arc<Shared>>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
-    check_common_headers(&shared, &parts.headers, "heartbeat");
-    let slow = shared.lock_faults().slow();
-    if !slow.is_zero() {
-        tokio::time::sleep(slow).await;
-    }
-    let result = async {
-        if !authenticated(&shared, &parts) {
-            return Err(Reject::new(
-                StatusCode::UNAUTHORIZED,
-                "a client certificate or a valid bearer token is required",
-            ));
-        }
-        let encoding = content_encoding(&parts.headers)?;
-        let raw = read_body(&parts.headers, body, shared.cfg.max_body_bytes).await?;
-        let cap = shared.cfg.max_decompressed_bytes;
-        let plain = decode_all(&raw, encoding, cap)?;
-        let doc: serde_json::Value = serde_json::from_slice(&plain).map_err(|e| {
-            Reject::new(
-                StatusCode::BAD_REQUEST,
-                format!("heartbeat is not JSON: {e}"),
-            )
-        })?;
-        shared.lock_state().heartbeat(doc);
-        Ok(Json(serde_json::json!({ "config_version": 0, "commands": [] })).into_response())
-    }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
-}
-
-/// `GET /v1/config`: the receiver manages no configuration: version 0, empty.
-pub(crate) async fn config(State(shared): State<Arc<Shared>>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
-    if !authenticated(&shared, &parts) {
-        return Reject::new(StatusCode::UNAUTHORIZED, "authentication required").into_response();
-    }
-    Json(serde_json::json!({ "version": 0, "config": {} })).into_response()
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// Counts (never rejects) a missing or foreign `User-Agent` and a missing `X-Sensor-Id`.
-fn check_common_headers(shared: &Shared, headers: &HeaderMap, what: &str) {
-    let ua = header_str(headers, "user-agent").unwrap_or("");
-    let mut violations = Vec::new();
-    if !ua.starts_with("m365-sensor/") {
-        violations.push(format!(
-            "{what}: User-Agent {ua:?} does not start with m365-sensor/"
-        ));
-    }
-    if header_str(headers, "x-sensor-id").is_none_or(|s| s.trim().is_empty()) {
-        violations.push(format!("{what}: X-Sensor-Id is missing"));
-    }
-    if !violations.is_empty() {
-        let mut state = shared.lock_state();
-        for v in violations {
-            state.violation(v);
-        }
-    }
-}
-
-/// A verified client certificate (the listener only passes chains signed by the receiver's CA), or the
-/// configured bearer token, compared in constant time.
-fn authenticated(shared: &Shared, parts: &axum::http::request::Parts) -> bool {
-    if parts
-        .extensions
-        .get::<sensor_testkit::PeerCertificates>()
-        .is_some_and(|p| !p.0.is_empty())
-    {
-        return true;
-    }
-    let Some(expected) = shared.cfg.bearer_token.as_deref() else {
-        return false;
-    };
-    let Some(value) = header_str(&parts.headers, "authorization") else {
-        return false;
-    };
-    let Some((scheme, token)) = value.split_once(' ') else {
-        return false;
-    };
-    scheme.eq_ignore_ascii_case("bearer") && constant_time_eq(token.trim(), expected)
-}
-
-/// Compares the SHA-256 of both strings without an early exit (no length or prefix timing leak).
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    let ha: [u8; 32] = Sha256::digest(a.as_bytes()).into();
-    let hb: [u8; 32] = Sha256::digest(b.as_bytes()).into();
-    ha.iter()
-        .zip(hb.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 fn check_content_type(headers: &HeaderMap) -> Result<(), Reject> {
     let ct = header_str(headers, "content-type")
         .ok_or_else(|| Reject::new(StatusCode::BAD_REQUEST, "Content-Type is required"))?;
@@ -333,23 +185,6 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Reject> {
     }
 }
 
-/// Missing means identity; anything but zstd, gzip or identity is 415.
-fn content_encoding(headers: &HeaderMap) -> Result<Encoding, Reject> {
-    let Some(raw) = headers.get(header::CONTENT_ENCODING) else {
-        return Ok(Encoding::Identity);
-    };
-    let v = raw.to_str().unwrap_or("").trim().to_ascii_lowercase();
-    match v.as_str() {
-        "zstd" => Ok(Encoding::Zstd),
-        "gzip" | "x-gzip" => Ok(Encoding::Gzip),
-        "identity" => Ok(Encoding::Identity),
-        _ => Err(Reject::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("Content-Encoding {v:?} is not supported (zstd or gzip)"),
-        )),
-    }
-}
-
 /// `<sensor id>:<u64>`: returns the sensor id.
 fn parse_idempotency_key(key: &str) -> Option<&str> {
     let (sensor, seq) = key.rsplit_once(':')?;
@@ -361,80 +196,6 @@ fn parse_idempotency_key(key: &str) -> Option<&str> {
     }
     seq.parse::<u64>().ok()?;
     Some(sensor)
-}
-
-/// Reads the body up to `limit` bytes; above it drains (bounded) and answers 413.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Reject> {
-    let too_large = |size: String| {
-        Reject::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body of {size} exceeds the limit of {limit} bytes"),
-        )
-    };
-    let declared = header_str(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
-    let mut stream = body.into_data_stream();
-    if let Some(n) = declared.filter(|&n| n > limit as u64) {
-        drain(&mut stream).await;
-        return Err(too_large(format!("{n} bytes")));
-    }
-    let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk
-            .map_err(|e| Reject::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
-        if buf.len() + chunk.len() > limit {
-            drain(&mut stream).await;
-            return Err(too_large(format!("more than {limit} bytes")));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
-async fn drain(stream: &mut axum::body::BodyDataStream) {
-    let mut seen = 0usize;
-    while let Some(Ok(chunk)) = stream.next().await {
-        seen += chunk.len();
-        if seen > MAX_DRAIN_BYTES {
-            break;
-        }
-    }
-}
-
-fn decompress_error(e: std::io::Error) -> Reject {
-    Reject::new(
-        StatusCode::BAD_REQUEST,
-        format!("the body does not decompress: {e}"),
-    )
-}
-
-fn bomb(cap: usize) -> Reject {
-    Reject::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("the decompressed body exceeds the limit of {cap} bytes"),
-    )
-}
-
-fn decoder(body: &[u8], encoding: Encoding) -> Result<Box<dyn Read + Send + '_>, Reject> {
-    Ok(match encoding {
-        Encoding::Zstd => {
-            Box::new(zstd::stream::read::Decoder::with_buffer(body).map_err(decompress_error)?)
-        }
-        Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
-        Encoding::Identity => Box::new(body),
-    })
-}
-
-/// Decodes a small document whole, capped at `cap` bytes.
-fn decode_all(body: &[u8], encoding: Encoding, cap: usize) -> Result<Vec<u8>, Reject> {
-    let mut out = Vec::new();
-    decoder(body, encoding)?
-        .take(cap as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(decompress_error)?;
-    if out.len() > cap {
-        return Err(bomb(cap));
-    }
-    Ok(out)
 }
 
 /// Appends one line (through its `\n`) to `line`. Returns the bytes read (0 at the end), or `None` when
@@ -575,13 +336,6 @@ mod tests {
         assert_eq!(parse_idempotency_key("s:+1"), None);
         assert_eq!(parse_idempotency_key("s:99999999999999999999"), None);
         assert_eq!(parse_idempotency_key("nocolon"), None);
-    }
-
-    #[test]
-    fn constant_time() {
-        assert!(constant_time_eq("abc", "abc"));
-        assert!(!constant_time_eq("abc", "abd"));
-        assert!(!constant_time_eq("abc", "abcd"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "backend-receiver", version)]
 struct Args {
-    /// Address of the main HTTPS port (ingest, heartbeat).
+    /// Address of the main HTTPS port (`/v1/...`: ingest, heartbeat, enrolment, config, commands).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Address of the control HTTPS port (`/_rx/...`).
@@ -35,6 +35,13 @@ struct Args {
     /// Cap on a request's decompressed body, bytes.
     #[arg(long, default_value_t = backend_receiver::DEFAULT_MAX_DECOMPRESSED_BYTES)]
     max_decompressed_bytes: usize,
+    /// A single-use enrolment token accepted by `POST /v1/enroll` (repeat the flag for more; more can
+    /// be added through `POST /_rx/enroll-tokens`).
+    #[arg(long = "enroll-token", value_name = "TOKEN")]
+    enroll_tokens: Vec<String>,
+    /// Validity of the certificates issued at enrolment and renewal, seconds.
+    #[arg(long, default_value_t = backend_receiver::DEFAULT_DEVICE_CERT_VALIDITY.as_secs())]
+    device_cert_validity_secs: u64,
 }
 
 /// A minimal stderr logger.
@@ -102,6 +109,14 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    anyhow::ensure!(
+        args.enroll_tokens.iter().all(|t| !t.trim().is_empty()),
+        "--enroll-token must not be empty"
+    );
+    anyhow::ensure!(
+        args.device_cert_validity_secs > 0,
+        "--device-cert-validity-secs must be at least 1"
+    );
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
     let cfg = backend_receiver::ReceiverConfig {
@@ -110,6 +125,8 @@ async fn main() -> anyhow::Result<()> {
         bearer_token,
         max_body_bytes: args.max_body_bytes,
         max_decompressed_bytes: args.max_decompressed_bytes,
+        enrollment_tokens: args.enroll_tokens,
+        device_cert_validity: std::time::Duration::from_secs(args.device_cert_validity_secs),
         ..Default::default()
     };
     let handle = backend_receiver::start(cfg).await?;

@@ -16,26 +16,38 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::{ReceiverConfig, ReceiverError};
+use crate::enroll::Issuer;
 use crate::faults::{FaultState, Faults};
+use crate::management::Mgmt;
 use crate::truth::{State as TruthState, Summary};
 
-/// State shared by the handlers. Its mutexes are never held across `.await`.
+/// State shared by the handlers. Its mutexes are never held across `.await`, nor two at a time.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub cfg: ReceiverConfig,
+    /// The CA that issues device certificates at enrolment and renewal.
+    pub issuer: Issuer,
     state: Mutex<TruthState>,
     faults: Mutex<FaultState>,
+    mgmt: Mutex<Mgmt>,
     up: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(cfg: ReceiverConfig) -> Self {
+    pub fn new(cfg: ReceiverConfig, issuer: Issuer) -> Self {
         Self {
+            mgmt: Mutex::new(Mgmt::new(&cfg.enrollment_tokens)),
             cfg,
+            issuer,
             state: Mutex::new(TruthState::default()),
             faults: Mutex::new(FaultState::default()),
             up: AtomicBool::new(false),
         }
+    }
+
+    /// The management state.
+    pub fn lock_mgmt(&self) -> MutexGuard<'_, Mgmt> {
+        self.mgmt.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The ground truth (a poisoned lock is recovered: the state is plain counters).
@@ -48,10 +60,18 @@ impl Shared {
         self.faults.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The counters, with `up` filled in.
+    /// The counters, with `up` and the management counters filled in.
     pub fn summary(&self) -> Summary {
         let mut s = self.lock_state().summary.clone();
         s.up = self.up.load(Ordering::SeqCst);
+        let m = self.lock_mgmt().counters;
+        s.heartbeat_requests = m.heartbeat_requests;
+        s.config_fetches = m.config_fetches;
+        s.enrollments = m.enrollments;
+        s.renewals = m.renewals;
+        s.refused_enrollments = m.refused_enrollments;
+        s.command_results = m.command_results;
+        s.diagnostics = m.diagnostics;
         s
     }
 }
@@ -208,7 +228,11 @@ pub(crate) fn control_router(shared: Arc<Shared>, main: Arc<MainPort>) -> Router
         .route("/_rx/faults", get(get_faults).post(set_faults))
         .route("/_rx/down", post(down))
         .route("/_rx/up", post(up))
-        .with_state(Control { shared, main })
+        .with_state(Control {
+            shared: Arc::clone(&shared),
+            main,
+        })
+        .merge(crate::manage::control_router(shared))
 }
 
 async fn summary(State(c): State<Control>) -> Json<Summary> {

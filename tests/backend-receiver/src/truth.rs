@@ -38,6 +38,20 @@ pub struct Summary {
     pub header_violations: u64,
     /// Heartbeats stored.
     pub heartbeats: u64,
+    /// `POST /v1/heartbeat` requests received (injected faults and refusals included).
+    pub heartbeat_requests: u64,
+    /// `GET /v1/config` requests answered 200 (garbage answers included).
+    pub config_fetches: u64,
+    /// Certificates issued at enrolment.
+    pub enrollments: u64,
+    /// Certificates issued by renewal.
+    pub renewals: u64,
+    /// Enrolments and renewals refused, or answered with an injected fault.
+    pub refused_enrollments: u64,
+    /// Command results posted (for known commands; repeats included).
+    pub command_results: u64,
+    /// Diagnostics bundles stored.
+    pub diagnostics: u64,
     /// Whether the main port is serving.
     pub up: bool,
 }

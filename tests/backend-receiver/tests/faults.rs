@@ -304,13 +304,3 @@ async fn binary_writes_its_files_and_serves() {
     );
     assert_eq!(truth["batches"][0]["key"], json!("s1:1"));
 }
-
-/// Kills (and reaps) the receiver process when the test ends, passed or failed.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}

@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-/// The directory holding the workspace's binaries (`target/<profile>`), found from the test executable.
+/// The directory holding the workspace's binaries (`target/<profile>`), found from the running
+/// executable: a test (`target/<profile>/deps/<test>`) or a bench binary (`target/<profile>/<bin>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The path of a workspace binary; fails with the fix when it was not built.
@@ -227,6 +229,11 @@ pub struct Receiver {
 impl Receiver {
     /// Starts the receiver in `dir/rx` with a bearer token.
     pub fn start(dir: &Path) -> Result<Receiver> {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`Receiver::start`] with extra command-line arguments (`--enroll-token T`, ...).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Result<Receiver> {
         let out = dir.join("rx");
         std::fs::create_dir_all(&out)?;
         let token_file = dir.join("backend.token");
@@ -243,7 +250,8 @@ impl Receiver {
                 ])
                 .arg(&out)
                 .arg("--token-file")
-                .arg(&token_file),
+                .arg(&token_file)
+                .args(extra),
             dir.join("rx.log"),
         )?;
         let url = read_when_ready(&out, "url", &mut proc.child, "backend-receiver")?;
@@ -279,6 +287,50 @@ impl Receiver {
             .send()?
             .error_for_status()?;
         Ok(())
+    }
+
+    /// GET on the control API.
+    pub fn get_json(&self, path: &str) -> Result<Value> {
+        self.get(path)
+    }
+
+    /// Posts to the control API and returns its JSON answer.
+    pub fn post_json(&self, path: &str, body: Value) -> Result<Value> {
+        Ok(self
+            .http
+            .post(format!("{}{path}", self.control_url))
+            .json(&body)
+            .send()?
+            .error_for_status()?
+            .json()?)
+    }
+
+    /// Queues a command; returns its id.
+    pub fn queue_command(&self, kind: &str, args: Value) -> Result<String> {
+        let v = self.post_json(
+            "/_rx/commands",
+            serde_json::json!({"kind": kind, "args": args}),
+        )?;
+        v["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("no id in {v}"))
+    }
+
+    /// The command `id` as the receiver saw it (deliveries, results).
+    pub fn command(&self, id: &str) -> Result<Value> {
+        let all = self.get("/_rx/commands")?;
+        all.as_array()
+            .and_then(|a| a.iter().find(|c| c["id"] == id).cloned())
+            .ok_or_else(|| anyhow::anyhow!("command {id} unknown to the receiver"))
+    }
+
+    /// Waits for the first result of command `id` and returns it.
+    pub fn wait_result(&self, id: &str, timeout: Duration) -> Result<Value> {
+        wait_for(timeout, &format!("the result of command {id}"), || {
+            let c = self.command(id).ok()?;
+            c["results"].as_array()?.first().cloned()
+        })
     }
 
     /// `/_rx/summary`.

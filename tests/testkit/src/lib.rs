@@ -33,6 +33,10 @@ pub enum TestkitError {
     /// A socket operation failed.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// A certificate signing request is not PEM, not PKCS#10, asks for an unsupported extension, or its
+    /// signature does not verify (the requester does not hold the key).
+    #[error("the certificate signing request is unusable: {0}")]
+    Csr(rcgen::Error),
 }
 
 /// Installs ring as rustls' process-wide crypto provider. Idempotent; call first thing in every `main`
@@ -114,6 +118,48 @@ impl TestCa {
             key_pem: key.serialize_pem(),
             cert_der: cert.der().to_vec(),
             key_der: key.serialize_der(),
+        })
+    }
+}
+
+/// A certificate a [`TestCa`] issued for the public key of a certificate signing request: the private
+/// key never left the requester.
+#[derive(Clone, Debug)]
+pub struct CsrCert {
+    /// The leaf certificate, PEM.
+    pub cert_pem: String,
+    /// The leaf certificate, DER.
+    pub cert_der: Vec<u8>,
+}
+
+impl TestCa {
+    /// Issues a client certificate (common name `cn`, client-auth extended key usage, not a CA) for the
+    /// public key of the PKCS#10 request `csr_pem`, valid from `not_before` to `not_after` (whole
+    /// seconds), with serial number `serial`. The request's signature is verified; its subject and
+    /// requested extensions are ignored.
+    pub fn issue_client_for_csr(
+        &self,
+        csr_pem: &str,
+        cn: &str,
+        serial: u64,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<CsrCert, TestkitError> {
+        let mut csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(TestkitError::Csr)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        params.not_before = time::OffsetDateTime::from(not_before);
+        params.not_after = time::OffsetDateTime::from(not_after);
+        csr.params = params;
+        let cert = csr.signed_by(&self.cert, &self.key)?;
+        Ok(CsrCert {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
         })
     }
 }

@@ -29,16 +29,20 @@ pub fn client(rx: &ReceiverHandle) -> reqwest::Client {
 
 /// A client presenting the receiver's device certificate.
 pub fn mtls_client(rx: &ReceiverHandle) -> reqwest::Client {
+    mtls_client_with(&rx.ca_pem, &rx.device_cert_pem, &rx.device_key_pem)
+}
+
+/// A client trusting `ca_pem` and presenting `cert_pem` with the PKCS#8 `key_pem`.
+pub fn mtls_client_with(ca_pem: &str, cert_pem: &str, key_pem: &str) -> reqwest::Client {
     sensor_testkit::install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(rx.ca_pem.as_bytes()) {
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.expect("ca pem")).expect("root");
     }
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(rx.device_cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .expect("device pem");
-    let key = PrivateKeyDer::from_pem_slice(rx.device_key_pem.as_bytes()).expect("device key");
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("device pem");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("device key");
     let tls = rustls::ClientConfig::builder()
         .with_root_certificates(Arc::new(roots))
         .with_client_auth_cert(chain, key)
@@ -157,5 +161,104 @@ pub trait JsonAnswer {
 impl JsonAnswer for reqwest::Response {
     async fn json_of<T: serde::de::DeserializeOwned>(self) -> anyhow::Result<T> {
         Ok(serde_json::from_slice(&self.bytes().await?)?)
+    }
+}
+
+/// A PKCS#10 request (PEM) for `key`, as a sensor makes it.
+pub fn csr(key: &rcgen::KeyPair) -> String {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "requested-name-is-ignored");
+    params
+        .serialize_request(key)
+        .expect("csr")
+        .pem()
+        .expect("csr pem")
+}
+
+/// A new device key (ECDSA P-256).
+pub fn device_key() -> rcgen::KeyPair {
+    rcgen::KeyPair::generate().expect("key")
+}
+
+/// The enrolment body a sensor sends.
+pub fn enroll_body(token: &str, csr_pem: &str) -> serde_json::Value {
+    serde_json::json!({
+        "enrollment_token": token,
+        "csr_pem": csr_pem,
+        "hostname": "host-1",
+        "arch": "x86_64",
+        "version": "0.1.0",
+    })
+}
+
+/// Posts `body` (JSON) to `url` with the sensor's headers; returns status and JSON body (`Null` when
+/// the body is not JSON).
+pub async fn post_json(
+    c: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = c
+        .post(url)
+        .header("User-Agent", "m365-sensor/0.1.0 (linux; x86_64)")
+        .header("X-Sensor-Id", "s1")
+        .json_body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json_of().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Gets `url` with the sensor's headers; returns status and JSON body (`Null` when not JSON).
+pub async fn get_json(c: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
+    let r = c
+        .get(url)
+        .header("User-Agent", "m365-sensor/0.1.0 (linux; x86_64)")
+        .header("X-Sensor-Id", "s1")
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json_of().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// The parsed certificate of a PEM, owned: (common name, SubjectPublicKeyInfo DER, serial hex,
+/// validity in seconds, client-auth EKU).
+pub fn cert_facts(cert_pem: &str) -> (String, Vec<u8>, String, i64, bool) {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("cert pem");
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("x509");
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .expect("cn")
+        .to_string();
+    let v = cert.validity();
+    let secs = v.not_after.timestamp() - v.not_before.timestamp();
+    let client_auth = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.value.client_auth);
+    (
+        cn,
+        cert.public_key().raw.to_vec(),
+        hex::encode(cert.raw_serial()),
+        secs,
+        client_auth,
+    )
+}
+
+/// Kills (and reaps) a child process when the test ends, passed or failed.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -1,0 +1,371 @@
+//! The device identity: the key pair generated on the device at enrolment, the certificate the backend
+//! issued for it and the CA to trust. Layout in the state directory:
+//!
+//! ```text
+//! identity -> identity.<n>/        symlink, swapped atomically (enrolment, renewal)
+//! identity.<n>/device.key          PKCS#8 private key, 0600; never leaves the device
+//! identity.<n>/device.pem          the certificate the backend issued for that key
+//! identity.<n>/ca.pem              the issuing CA
+//! identity.<n>/trust.pem           anchors for the backend's server certificate (ca.pem + the CA file
+//!                                  given at enrolment)
+//! identity.<n>/sensor_id           the id the backend assigned
+//! ```
+//!
+//! Invariant: `identity` always points at a complete generation whose certificate was verified to carry
+//! the generation's own public key and to chain to its CA; a failed enrolment or renewal leaves the
+//! previous state untouched (no half-enrolled device).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{pem::PemObject, CertificateDer, UnixTime};
+use zeroize::Zeroizing;
+
+use crate::store;
+
+/// Name of the symlink in the state directory.
+pub const LINK: &str = "identity";
+
+/// Why an identity could not be made, read or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Generating the key or the CSR failed.
+    #[error("generating the device key: {0}")]
+    Keygen(String),
+    /// The certificate the backend returned is unusable.
+    #[error("the backend's certificate is not usable: {0}")]
+    BadCertificate(String),
+    /// Reading or writing the identity files failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An installed identity. Paths go through the `identity` symlink, so a reader opening them after a
+/// renewal gets the new generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The id the backend assigned at enrolment.
+    pub sensor_id: String,
+    /// `identity/device.pem`.
+    pub cert_file: PathBuf,
+    /// `identity/device.key`.
+    pub key_file: PathBuf,
+    /// `identity/trust.pem`.
+    pub trust_file: PathBuf,
+    /// The certificate's validity start (Unix seconds).
+    pub not_before: i64,
+    /// The certificate's expiry (Unix seconds).
+    pub not_after: i64,
+}
+
+impl Identity {
+    /// The installed identity of `state_dir`, `None` when the device was never enrolled.
+    pub fn load(state_dir: &Path) -> Result<Option<Identity>, IdentityError> {
+        let link = state_dir.join(LINK);
+        if std::fs::symlink_metadata(&link).is_err() {
+            return Ok(None);
+        }
+        let cert_file = link.join("device.pem");
+        let pem = std::fs::read(&cert_file).map_err(io(&cert_file))?;
+        let (not_before, not_after) = validity(&pem)?;
+        let id_file = link.join("sensor_id");
+        let sensor_id = std::fs::read_to_string(&id_file)
+            .map_err(io(&id_file))?
+            .trim()
+            .to_string();
+        Ok(Some(Identity {
+            sensor_id,
+            cert_file,
+            key_file: link.join("device.key"),
+            trust_file: link.join("trust.pem"),
+            not_before,
+            not_after,
+        }))
+    }
+
+    /// Whether the certificate should be renewed at `now`: less than a third of its lifetime is left.
+    pub fn needs_renewal(&self, now: i64) -> bool {
+        let lifetime = (self.not_after - self.not_before).max(1);
+        self.not_after - now < lifetime / 3
+    }
+}
+
+/// A fresh key pair and a certificate signing request for it.
+pub struct KeyAndCsr {
+    /// The private key (PKCS#8 PEM); zeroized when dropped.
+    pub key_pem: Zeroizing<String>,
+    /// The CSR (PEM) to send to the backend.
+    pub csr_pem: String,
+}
+
+/// Generates an ECDSA P-256 key pair on the device and a CSR with common name `cn`.
+pub fn new_key_and_csr(cn: &str) -> Result<KeyAndCsr, IdentityError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Keygen(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| IdentityError::Keygen(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| IdentityError::Keygen(e.to_string()))?;
+    let csr_pem = csr
+        .pem()
+        .map_err(|e| IdentityError::Keygen(e.to_string()))?;
+    Ok(KeyAndCsr {
+        key_pem: Zeroizing::new(key.serialize_pem()),
+        csr_pem,
+    })
+}
+
+/// The validity (not before, not after) of the first certificate of `pem`, in Unix seconds.
+pub fn validity(pem: &[u8]) -> Result<(i64, i64), IdentityError> {
+    let der = CertificateDer::from_pem_slice(pem)
+        .map_err(|e| IdentityError::BadCertificate(format!("no PEM certificate: {e}")))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| IdentityError::BadCertificate(format!("not an X.509 certificate: {e}")))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// Checks that `cert_pem` carries the public key of `key_pem` and chains to `ca_pem` as a client
+/// certificate valid now.
+pub fn verify(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<(), IdentityError> {
+    let bad = |m: String| IdentityError::BadCertificate(m);
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| bad(format!("certificate_pem holds no certificate: {e}")))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+        .map_err(|e| bad(format!("certificate_pem is not X.509: {e}")))?;
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| bad(format!("device key: {e}")))?;
+    if parsed.tbs_certificate.subject_pki.raw != key.public_key_der().as_slice() {
+        return Err(bad(
+            "the certificate is for another key than the one this device generated".into(),
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| bad(format!("ca_pem: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| bad(format!("ca_pem is not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("ca_pem holds no certificate".into()));
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| bad(format!("ca_pem: {e}")))?;
+    verifier
+        .verify_client_cert(&cert, &[], UnixTime::now())
+        .map_err(|e| {
+            bad(format!(
+                "the certificate does not verify against ca_pem: {e}"
+            ))
+        })?;
+    Ok(())
+}
+
+/// What [`install`] writes.
+pub struct NewIdentity<'a> {
+    /// The backend's id for this device.
+    pub sensor_id: &'a str,
+    /// The certificate (PEM).
+    pub cert_pem: &'a str,
+    /// The device's private key (PEM).
+    pub key_pem: &'a str,
+    /// The issuing CA (PEM).
+    pub ca_pem: &'a str,
+    /// Extra anchors for the backend's server certificate (PEM), e.g. the CA file used to enrol.
+    pub extra_trust_pem: Option<&'a str>,
+}
+
+/// Verifies `new` ([`verify`]) and installs it as a new generation, then points `identity` at it.
+/// Older generations but the previous one are removed.
+pub fn install(state_dir: &Path, new: &NewIdentity<'_>) -> Result<Identity, IdentityError> {
+    verify(new.cert_pem, new.key_pem, new.ca_pem)?;
+    store::private_dir(state_dir).map_err(io(state_dir))?;
+    let generations = generations(state_dir)?;
+    let n = generations.iter().max().map_or(1, |m| m + 1);
+    let dir = state_dir.join(format!("{LINK}.{n}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    store::private_dir(&dir).map_err(io(&dir))?;
+    let mut trust = new.ca_pem.trim_end().to_string();
+    trust.push('\n');
+    if let Some(extra) = new.extra_trust_pem {
+        trust.push_str(extra.trim_end());
+        trust.push('\n');
+    }
+    for (name, bytes, mode) in [
+        ("device.key", new.key_pem.as_bytes(), 0o600),
+        ("device.pem", new.cert_pem.as_bytes(), 0o644),
+        ("ca.pem", new.ca_pem.as_bytes(), 0o644),
+        ("trust.pem", trust.as_bytes(), 0o644),
+        ("sensor_id", new.sensor_id.as_bytes(), 0o644),
+    ] {
+        let p = dir.join(name);
+        store::write_atomic_mode(&p, bytes, mode).map_err(io(&p))?;
+    }
+    let tmp_link = state_dir.join(format!(".{LINK}.tmp"));
+    let _ = std::fs::remove_file(&tmp_link);
+    std::os::unix::fs::symlink(format!("{LINK}.{n}"), &tmp_link).map_err(io(&tmp_link))?;
+    let link = state_dir.join(LINK);
+    std::fs::rename(&tmp_link, &link).map_err(io(&link))?;
+    store::sync_dir(state_dir).map_err(io(state_dir))?;
+    for old in generations.into_iter().filter(|g| *g + 1 < n) {
+        let _ = std::fs::remove_dir_all(state_dir.join(format!("{LINK}.{old}")));
+    }
+    Identity::load(state_dir)?.ok_or_else(|| IdentityError::Io {
+        path: link,
+        source: std::io::Error::other("the identity vanished right after installing it"),
+    })
+}
+
+fn generations(state_dir: &Path) -> Result<Vec<u64>, IdentityError> {
+    let entries = match std::fs::read_dir(state_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(state_dir)(e)),
+    };
+    Ok(entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&format!("{LINK}.")))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Ca {
+        cert: rcgen::Certificate,
+        key: rcgen::KeyPair,
+    }
+
+    fn new_ca(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().expect("ca key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = p.self_signed(&key).expect("self-signed");
+        Ca { cert, key }
+    }
+
+    fn issue(ca: &Ca, csr_pem: &str) -> String {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).expect("csr");
+        csr.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        csr.signed_by(&ca.cert, &ca.key).expect("sign").pem()
+    }
+
+    #[test]
+    fn install_verifies_and_swaps_generations() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(Identity::load(d.path()).expect("load"), None);
+        let ca = new_ca("test CA");
+        let k = new_key_and_csr("dev").expect("csr");
+        let cert = issue(&ca, &k.csr_pem);
+        let ca_pem = ca.cert.pem();
+        let first = install(
+            d.path(),
+            &NewIdentity {
+                sensor_id: "s-1",
+                cert_pem: &cert,
+                key_pem: &k.key_pem,
+                ca_pem: &ca_pem,
+                extra_trust_pem: None,
+            },
+        )
+        .expect("install");
+        assert_eq!(first.sensor_id, "s-1");
+        assert!(!first.needs_renewal(first.not_before + 1));
+        assert!(first.needs_renewal(first.not_after - 1));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&first.key_file)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A certificate for another key is refused and the installed identity stays.
+        let other = new_key_and_csr("other").expect("csr");
+        let wrong = issue(&ca, &other.csr_pem);
+        let e = install(
+            d.path(),
+            &NewIdentity {
+                sensor_id: "s-2",
+                cert_pem: &wrong,
+                key_pem: &k.key_pem,
+                ca_pem: &ca_pem,
+                extra_trust_pem: None,
+            },
+        )
+        .expect_err("mismatched key");
+        assert!(e.to_string().contains("another key"), "{e}");
+        // A certificate from another CA is refused.
+        let stranger = new_ca("stranger");
+        let e = install(
+            d.path(),
+            &NewIdentity {
+                sensor_id: "s-2",
+                cert_pem: &issue(&stranger, &k.csr_pem),
+                key_pem: &k.key_pem,
+                ca_pem: &ca_pem,
+                extra_trust_pem: None,
+            },
+        )
+        .expect_err("wrong CA");
+        assert!(e.to_string().contains("does not verify"), "{e}");
+        assert_eq!(
+            Identity::load(d.path()).expect("load").map(|i| i.sensor_id),
+            Some("s-1".to_string())
+        );
+
+        // Renewal: a new generation, the previous one kept, older ones removed.
+        for round in 0..3 {
+            let k2 = new_key_and_csr("dev").expect("csr");
+            install(
+                d.path(),
+                &NewIdentity {
+                    sensor_id: "s-1",
+                    cert_pem: &issue(&ca, &k2.csr_pem),
+                    key_pem: &k2.key_pem,
+                    ca_pem: &ca_pem,
+                    extra_trust_pem: Some(&ca_pem),
+                },
+            )
+            .unwrap_or_else(|e| panic!("renewal {round}: {e}"));
+        }
+        let mut gens = generations(d.path()).expect("generations");
+        gens.sort();
+        assert_eq!(gens, vec![3, 4]);
+    }
+
+    #[test]
+    fn garbage_certificates_are_named() {
+        let k = new_key_and_csr("dev").expect("csr");
+        let e = verify("not a pem", &k.key_pem, "also not").expect_err("garbage");
+        assert!(e.to_string().contains("certificate_pem"), "{e}");
+    }
+}

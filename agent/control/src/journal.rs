@@ -1,0 +1,214 @@
+//! The command journal (`<state_dir>/commands.json`): each command id the backend sent, whether it ran,
+//! its result and whether the result reached the backend.
+//!
+//! Invariant: a command is recorded as started, durably, before it runs; a command id found in the
+//! journal never runs again, also across restarts. A command that was started but never finished (the
+//! process died) is finished at the next start as failed, "interrupted", and not run again: commands run
+//! at most once. Results are kept until the backend has them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::CommandResult;
+use crate::store;
+
+/// File of the journal in the state directory.
+pub const FILE: &str = "commands.json";
+
+/// How many reported entries are kept (the oldest are forgotten first).
+const KEEP_REPORTED: usize = 2000;
+
+/// Where a command is.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct Entry {
+    /// The command's kind.
+    pub kind: String,
+    /// When it was first seen (Unix seconds).
+    pub at: i64,
+    /// Its result, once finished.
+    pub result: Option<CommandResult>,
+    /// Whether the backend acknowledged the result.
+    pub reported: bool,
+}
+
+/// Why the journal could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not a journal.
+    #[error("{path}: not a command journal: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+}
+
+/// The journal, loaded.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Journal {
+    /// Loads `<state_dir>/commands.json` (empty when missing) and finishes interrupted commands.
+    pub fn load(state_dir: &Path) -> Result<Journal, JournalError> {
+        let path = state_dir.join(FILE);
+        let entries = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| JournalError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => return Err(JournalError::Io { path, source }),
+        };
+        let mut j = Journal { path, entries };
+        let mut interrupted = false;
+        for e in j.entries.values_mut().filter(|e| e.result.is_none()) {
+            e.result = Some(CommandResult {
+                ok: false,
+                message: format!(
+                    "{}: interrupted by a restart of the agent before it finished; not run again (commands run at most once)",
+                    e.kind
+                ),
+            });
+            interrupted = true;
+        }
+        if interrupted {
+            j.save()?;
+        }
+        Ok(j)
+    }
+
+    fn save(&self) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec(&self.entries).map_err(|e| JournalError::Corrupt {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        store::write_private(&self.path, &bytes).map_err(|source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Whether `id` was ever seen.
+    pub fn seen(&self, id: &str) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    /// Records `id` as started, durably. Call before running it; never run a command whose `begin`
+    /// failed.
+    pub fn begin(&mut self, id: &str, kind: &str, now: i64) -> Result<(), JournalError> {
+        self.entries.insert(
+            id.to_string(),
+            Entry {
+                kind: kind.to_string(),
+                at: now,
+                result: None,
+                reported: false,
+            },
+        );
+        self.save()
+    }
+
+    /// Records the result of `id`.
+    pub fn finish(&mut self, id: &str, result: CommandResult) -> Result<(), JournalError> {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.result = Some(result);
+        }
+        self.save()
+    }
+
+    /// Results the backend does not have yet, oldest first.
+    pub fn unreported(&self) -> Vec<(String, CommandResult)> {
+        let mut v: Vec<(&String, &Entry)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.reported && e.result.is_some())
+            .collect();
+        v.sort_by_key(|(_, e)| e.at);
+        v.into_iter()
+            .filter_map(|(id, e)| e.result.clone().map(|r| (id.clone(), r)))
+            .collect()
+    }
+
+    /// Records that the backend has the result of `id`; forgets the oldest reported entries beyond a
+    /// few thousand.
+    pub fn mark_reported(&mut self, id: &str) -> Result<(), JournalError> {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.reported = true;
+        }
+        let reported = self.entries.values().filter(|e| e.reported).count();
+        if reported > KEEP_REPORTED {
+            let mut old: Vec<(String, i64)> = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.reported)
+                .map(|(k, e)| (k.clone(), e.at))
+                .collect();
+            old.sort_by_key(|(_, at)| *at);
+            for (k, _) in old.into_iter().take(reported - KEEP_REPORTED) {
+                self.entries.remove(&k);
+            }
+        }
+        self.save()
+    }
+
+    /// Every entry (for diagnostics).
+    pub fn entries(&self) -> &BTreeMap<String, Entry> {
+        &self.entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_run_at_most_once_across_restarts() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::load(d.path()).expect("load");
+        assert!(!j.seen("a"));
+        j.begin("a", "resync", 1).expect("begin");
+        j.finish(
+            "a",
+            CommandResult {
+                ok: true,
+                message: "done".into(),
+            },
+        )
+        .expect("finish");
+        j.begin("b", "reboot", 2).expect("begin");
+        // The process dies here: "b" started, never finished.
+        drop(j);
+        let mut j = Journal::load(d.path()).expect("reload");
+        assert!(j.seen("a") && j.seen("b"));
+        let pending = j.unreported();
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0].0, "a");
+        assert!(pending[0].1.ok);
+        assert!(!pending[1].1.ok && pending[1].1.message.contains("interrupted"));
+        j.mark_reported("a").expect("reported");
+        let j = Journal::load(d.path()).expect("reload");
+        assert_eq!(j.unreported().len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_named() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::write(d.path().join(FILE), b"{nope").expect("write");
+        let e = Journal::load(d.path()).expect_err("corrupt");
+        assert!(e.to_string().contains("commands.json"), "{e}");
+    }
+}

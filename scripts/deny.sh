@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Dependency policy (deny.toml): licences, bans (duplicates, wildcards) and sources must pass; advisories
+# are checked against the RustSec database when it can be fetched (github.com), and the script says loudly
+# when it cannot. DENY_REQUIRE_ADVISORIES=1 turns an unreachable database into a failure.
+# Installs cargo-deny from crates.io when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! cargo deny --version >/dev/null 2>&1; then
+    echo "deny: installing cargo-deny from crates.io"
+    cargo install --locked cargo-deny
+fi
+cargo deny --log-level error check licenses bans sources
+if cargo deny --log-level error fetch db >/dev/null 2>&1; then
+    cargo deny --log-level error check advisories
+else
+    echo "deny: ADVISORIES NOT CHECKED: the RustSec database (github.com/rustsec/advisory-db) cannot be fetched from this machine"
+    [ "${DENY_REQUIRE_ADVISORIES:-0}" = 1 ] && exit 1
+fi
+echo "deny: licences, bans and sources ok"

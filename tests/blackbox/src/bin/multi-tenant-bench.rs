@@ -1,0 +1,160 @@
+//! `make bench` (multi-tenant part): one sensor serving many simulated tenants (default 200 × 5 content
+//! types), all real processes over TLS on loopback. Tenant 1 is made to misbehave (every other API
+//! request throttled, every answer 1.5 s slow) to show that one tenant's failures do not slow the others.
+//! Prints the sensor's peak and steady RSS, CPU seconds per 100k records, the time until the healthy
+//! tenants are caught up, the faulty tenant's lag, idle CPU after catch-up, and the delivery verdict.
+//! Asserts nothing. `TENANTS=N` changes the count.
+
+use std::time::{Duration, Instant};
+
+use sensor_blackbox::*;
+
+/// Resident memory (VmRSS) and CPU seconds (utime + stime) of `pid`.
+fn sample(pid: u32) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Some((rss_kb * 1024, ticks / hz))
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let tenants: u32 = std::env::var("TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
+    let d = dir.path();
+    let cts: Vec<String> = ALL_CONTENT_TYPES.iter().map(|c| format!("\"{c}\"")).collect();
+    let scenario = format!(
+        "[generate_tenants]\ncount = {tenants}\nsecret = \"bench-secret\"\n[generate_tenants.template]\ncontent_types = [{cts}]\nhistory_hours = 12\nhistory_blobs_per_hour = 1\nrecords_per_blob = 10\nlive_blob_interval_ms = 20000\nlive_blobs_max = 6\npage_size = 50\n",
+        cts = cts.join(", ")
+    );
+    let sim = Sim::start(d, &scenario)?;
+    let rx = Receiver::start(d)?;
+    let tid = |i: u32| format!("00000000-0000-4000-8000-{i:012}");
+    let cid = |i: u32| format!("00000000-0000-4000-9000-{i:012}");
+    let secret = d.join("bench.secret");
+    std::fs::write(&secret, "bench-secret")?;
+    set_mode(&secret, 0o600)?;
+    let mut cfg = format!(
+        "state_dir = \"{}\"\n[management]\nheartbeat_secs = 60\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n[spool]\ncache_bytes = 8388608\n",
+        d.join("state").display(),
+        rx.url,
+        rx.token_file.display(),
+        rx.ca_file.display()
+    );
+    for i in 1..=tenants {
+        cfg.push_str(&format!(
+            "[[tenant]]\nname = \"t{i}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\ncontent_types = [{}]\nbackfill_hours = 12\npoll_interval_secs = 30\nlogin_url = \"{}\"\napi_url = \"{}\"\nca_file = \"{}\"\nrequest_timeout_secs = 10\n",
+            tid(i),
+            cid(i),
+            secret.display(),
+            cts.join(", "),
+            sim.url,
+            sim.url,
+            sim.ca_file.display()
+        ));
+    }
+    let config = d.join("sensor.toml");
+    std::fs::write(&config, cfg)?;
+    // Tenant 1 misbehaves: AF429 on every other request (Retry-After 2 s), every answer 1.5 s late.
+    sim.set_faults(
+        &tid(1),
+        serde_json::json!({"throttle_every": 2, "throttle_retry_after_secs": 2, "slow_ms": 1500}),
+    )?;
+    println!("multi-tenant bench: {tenants} tenants x 5 content types, tenant t1 throttled and slow");
+    let started = Instant::now();
+    let sensor = start_sensor(d, &config, 0)?;
+    let pid = sensor.child.id();
+    let mut peak_rss = 0u64;
+    let mut rss_series: Vec<u64> = Vec::new();
+    let mut healthy_done: Option<Duration> = None;
+    let mut last_print = Instant::now();
+    // Catch-up: until every healthy tenant has spooled content newer than 1 minute and the spool is empty.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some((rss, _)) = sample(pid) {
+            peak_rss = peak_rss.max(rss);
+            rss_series.push(rss);
+        }
+        let Some(st) = sensor_status(d) else { continue };
+        let lags: Vec<i64> = (2..=tenants)
+            .map(|i| st["tenants"][format!("t{i}")]["lag_secs"].as_i64().unwrap_or(i64::MAX))
+            .collect();
+        let worst = lags.iter().copied().max().unwrap_or(i64::MAX);
+        if last_print.elapsed() > Duration::from_secs(15) {
+            last_print = Instant::now();
+            println!(
+                "  {:>4.0} s: healthy tenants' worst lag {} s, t1 lag {}, spool {} records, RSS {:.1} MiB",
+                started.elapsed().as_secs_f64(),
+                if worst == i64::MAX { "-".to_string() } else { worst.to_string() },
+                st["tenants"]["t1"]["lag_secs"],
+                st["spool"]["records"],
+                mib(rss_series.last().copied().unwrap_or(0))
+            );
+        }
+        if healthy_done.is_none() && worst < 25 * 60 && st["spool"]["records"].as_u64() == Some(0) {
+            healthy_done = Some(started.elapsed());
+            break;
+        }
+    }
+    let t1_lag = sensor_status(d).map(|s| s["tenants"]["t1"]["lag_secs"].clone());
+    // Steady state and idle: 30 s of polling with no new content.
+    sim.set_generation(false)?;
+    let (_, cpu_before) = sample(pid).unwrap_or((0, 0.0));
+    let idle_from = Instant::now();
+    let mut steady: Vec<u64> = Vec::new();
+    while idle_from.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some((rss, _)) = sample(pid) {
+            peak_rss = peak_rss.max(rss);
+            steady.push(rss);
+        }
+    }
+    let (_, cpu_after) = sample(pid).unwrap_or((0, 0.0));
+    let idle_cpu = (cpu_after - cpu_before) / idle_from.elapsed().as_secs_f64();
+    let v = wait_for_delivery(&sim, &rx, Duration::from_secs(600))?;
+    let (_, cpu_total) = sample(pid).unwrap_or((0, 0.0));
+    let delivered = v.delivered.max(1);
+    steady.sort_unstable();
+    let steady_rss = steady.get(steady.len() / 2).copied().unwrap_or(0);
+    let summary = rx.summary()?;
+    println!("  records delivered:            {delivered}");
+    println!(
+        "  healthy tenants caught up in: {}",
+        healthy_done.map_or("not within 900 s".to_string(), |t| format!("{:.0} s", t.as_secs_f64()))
+    );
+    println!("  faulty tenant t1 lag then:    {} s", t1_lag.unwrap_or_default());
+    println!("  everything delivered after:   {:.0} s", started.elapsed().as_secs_f64());
+    println!("  peak RSS:                     {:.1} MiB", mib(peak_rss));
+    println!("  steady RSS (idle, median):    {:.1} MiB", mib(steady_rss));
+    println!(
+        "  CPU:                          {:.1} s in all, {:.2} s per 100k records",
+        cpu_total,
+        cpu_total * 100_000.0 / delivered as f64
+    );
+    println!("  idle CPU ({tenants} tenants polling every 30 s): {:.1} % of a core", idle_cpu * 100.0);
+    println!(
+        "  wire bytes per record:        {:.0} (compressed), {:.0} (uncompressed)",
+        summary["bytes_compressed"].as_f64().unwrap_or(0.0) / delivered as f64,
+        summary["bytes_decompressed"].as_f64().unwrap_or(0.0) / delivered as f64
+    );
+    println!("  verdict: {}", if v.is_exact() { "exact".to_string() } else { describe(&v) });
+    drop(sensor);
+    Ok(())
+}
