@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DEMO_RECORDS ?= 5000
 
-.PHONY: all build demo test test-packaging dist test-dist lint fmt bench clean
+.PHONY: all build demo test test-packaging dist test-dist lint fmt bench fuzz clean
 
 all: build
 
@@ -42,6 +42,14 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Coverage-guided fuzzing of the hostile-input parsers (cargo-fuzz, installed when missing): FUZZ_SECONDS
+## per target, run counts printed; fails on a crash. CI runs it briefly.
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+-include image/image.mk
 
 ## Benchmarks print figures; no test asserts a time. The multi-tenant run starts the release binaries
 ## (simulator, sensor, receiver); TENANTS=N changes its tenant count (default 200).

@@ -204,8 +204,8 @@ impl TokenProvider {
             .await
             .map_err(|e| AuthError::Unreachable(describe_reqwest(&e)))?;
         let status = resp.status();
-        let body = resp
-            .bytes()
+        // A token answer is a few KiB; anything bigger is cut (and then fails to parse).
+        let (body, _) = sensor_core::http::read_capped(resp, TOKEN_ANSWER_CAP)
             .await
             .map_err(|e| AuthError::Unreachable(describe_reqwest(&e)))?;
         if status.is_success() {
@@ -270,6 +270,9 @@ impl TokenProvider {
         Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
     }
 }
+
+/// The largest token endpoint answer read, in bytes.
+const TOKEN_ANSWER_CAP: usize = 256 * 1024;
 
 /// Maps an Entra error response to an [`AuthError`] by its AADSTS code. The server's text is redacted: a
 /// proxy that echoes the token request must not put the secret or the assertion into the status.

@@ -68,6 +68,9 @@ pub struct ManagementClient {
     bearer: Option<zeroize::Zeroizing<String>>,
 }
 
+/// The largest management answer read (a managed configuration with hundreds of tenants fits).
+const ANSWER_CAP: usize = 8 * 1024 * 1024;
+
 /// Sets `value` as the JSON body.
 fn json(req: reqwest::RequestBuilder, value: &impl Serialize) -> reqwest::RequestBuilder {
     match serde_json::to_vec(value) {
@@ -87,10 +90,18 @@ async fn exchange<T: DeserializeOwned>(
         detail: sensor_core::describe_error(&e),
     })?;
     let status = resp.status().as_u16();
-    let body = resp.bytes().await.map_err(|e| ClientError::Transport {
-        endpoint: endpoint.to_string(),
-        detail: sensor_core::describe_error(&e),
-    })?;
+    let (body, cut) = sensor_core::http::read_capped(resp, ANSWER_CAP)
+        .await
+        .map_err(|e| ClientError::Transport {
+            endpoint: endpoint.to_string(),
+            detail: sensor_core::describe_error(&e),
+        })?;
+    if cut && expect.contains(&status) {
+        return Err(ClientError::Garbage {
+            endpoint: endpoint.to_string(),
+            detail: format!("the answer exceeds {ANSWER_CAP} bytes"),
+        });
+    }
     if !expect.contains(&status) {
         return Err(ClientError::Status {
             endpoint: endpoint.to_string(),

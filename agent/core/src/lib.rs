@@ -1,13 +1,14 @@
 //! Shared vocabulary of the sensor: the strict configuration, the clouds' endpoints, the status model,
 //! the record envelope sent to the backend, and the process-wide counters.
 //!
-//! Invariant: nothing here performs I/O on the network; the only file access is reading the configuration
-//! and checking the permissions of the files it names.
+//! Invariant: the only network I/O here is reading an answer's body with a cap ([`http::read_capped`]);
+//! the only file access is reading the configuration and checking the permissions of the files it names.
 
 pub mod cloud;
 pub mod config;
 pub mod counters;
 pub mod envelope;
+pub mod http;
 pub mod status;
 pub mod timefmt;
 pub mod tls;

@@ -79,6 +79,9 @@ pub enum Answer {
     },
 }
 
+/// How much of the backend's answer body is read at most, in bytes.
+const ANSWER_BODY_CAP: usize = 16 * 1024;
+
 /// How much of an answer's body is kept in logs, the status and quarantine reasons, in characters.
 pub const ANSWER_TEXT_CHARS: usize = 300;
 
@@ -446,7 +449,11 @@ impl Relay {
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
-                    let text = r.text().await.unwrap_or_default();
+                    // Only the first characters are ever shown: a huge answer is not held in memory.
+                    let (body, _) = sensor_core::http::read_capped(r, ANSWER_BODY_CAP)
+                        .await
+                        .unwrap_or_default();
+                    let text = String::from_utf8_lossy(&body);
                     (status, read_answer(status, ra.as_deref(), &text))
                 }
                 Err(e) => {

@@ -35,10 +35,16 @@ fn mib(b: u64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let tenants: u32 = std::env::var("TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let tenants: u32 = std::env::var("TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
     let d = dir.path();
-    let cts: Vec<String> = ALL_CONTENT_TYPES.iter().map(|c| format!("\"{c}\"")).collect();
+    let cts: Vec<String> = ALL_CONTENT_TYPES
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect();
     let scenario = format!(
         "[generate_tenants]\ncount = {tenants}\nsecret = \"bench-secret\"\n[generate_tenants.template]\ncontent_types = [{cts}]\nhistory_hours = 12\nhistory_blobs_per_hour = 1\nrecords_per_blob = 10\nlive_blob_interval_ms = 20000\nlive_blobs_max = 6\npage_size = 50\n",
         cts = cts.join(", ")
@@ -76,7 +82,9 @@ fn main() -> anyhow::Result<()> {
         &tid(1),
         serde_json::json!({"throttle_every": 2, "throttle_retry_after_secs": 2, "slow_ms": 1500}),
     )?;
-    println!("multi-tenant bench: {tenants} tenants x 5 content types, tenant t1 throttled and slow");
+    println!(
+        "multi-tenant bench: {tenants} tenants x 5 content types, tenant t1 throttled and slow"
+    );
     let started = Instant::now();
     let sensor = start_sensor(d, &config, 0)?;
     let pid = sensor.child.id();
@@ -94,7 +102,11 @@ fn main() -> anyhow::Result<()> {
         }
         let Some(st) = sensor_status(d) else { continue };
         let lags: Vec<i64> = (2..=tenants)
-            .map(|i| st["tenants"][format!("t{i}")]["lag_secs"].as_i64().unwrap_or(i64::MAX))
+            .map(|i| {
+                st["tenants"][format!("t{i}")]["lag_secs"]
+                    .as_i64()
+                    .unwrap_or(i64::MAX)
+            })
             .collect();
         let worst = lags.iter().copied().max().unwrap_or(i64::MAX);
         if last_print.elapsed() > Duration::from_secs(15) {
@@ -137,10 +149,19 @@ fn main() -> anyhow::Result<()> {
     println!("  records delivered:            {delivered}");
     println!(
         "  healthy tenants caught up in: {}",
-        healthy_done.map_or("not within 900 s".to_string(), |t| format!("{:.0} s", t.as_secs_f64()))
+        healthy_done.map_or("not within 900 s".to_string(), |t| format!(
+            "{:.0} s",
+            t.as_secs_f64()
+        ))
     );
-    println!("  faulty tenant t1 lag then:    {} s", t1_lag.unwrap_or_default());
-    println!("  everything delivered after:   {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "  faulty tenant t1 lag then:    {} s",
+        t1_lag.unwrap_or_default()
+    );
+    println!(
+        "  everything delivered after:   {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     println!("  peak RSS:                     {:.1} MiB", mib(peak_rss));
     println!("  steady RSS (idle, median):    {:.1} MiB", mib(steady_rss));
     println!(
@@ -148,13 +169,23 @@ fn main() -> anyhow::Result<()> {
         cpu_total,
         cpu_total * 100_000.0 / delivered as f64
     );
-    println!("  idle CPU ({tenants} tenants polling every 30 s): {:.1} % of a core", idle_cpu * 100.0);
+    println!(
+        "  idle CPU ({tenants} tenants polling every 30 s): {:.1} % of a core",
+        idle_cpu * 100.0
+    );
     println!(
         "  wire bytes per record:        {:.0} (compressed), {:.0} (uncompressed)",
         summary["bytes_compressed"].as_f64().unwrap_or(0.0) / delivered as f64,
         summary["bytes_decompressed"].as_f64().unwrap_or(0.0) / delivered as f64
     );
-    println!("  verdict: {}", if v.is_exact() { "exact".to_string() } else { describe(&v) });
+    println!(
+        "  verdict: {}",
+        if v.is_exact() {
+            "exact".to_string()
+        } else {
+            describe(&v)
+        }
+    );
     drop(sensor);
     Ok(())
 }
