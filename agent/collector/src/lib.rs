@@ -47,6 +47,48 @@ pub struct Deps {
     pub relay_wake: Arc<Notify>,
     /// `[network] proxy`.
     pub proxy: Option<String>,
+    /// HTTPS clients shared by tenants with the same settings.
+    pub clients: Arc<HttpClients>,
+}
+
+/// HTTPS clients shared by the tenants whose client settings (extra CA file, proxy, timeout) are the
+/// same: one connection pool, so every tenant's requests to `login.microsoftonline.com` and
+/// `manage.office.com` share a few HTTP/2 connections instead of two each. Invariant: a client is made
+/// from the settings of its key only (never from a tenant's credential), so sharing leaks nothing
+/// between tenants; rate limits and token caches stay per tenant.
+#[derive(Debug, Default)]
+pub struct HttpClients {
+    map: std::sync::Mutex<std::collections::HashMap<ClientKey, reqwest::Client>>,
+}
+
+type ClientKey = (Option<std::path::PathBuf>, Option<String>, u64);
+
+impl HttpClients {
+    /// The client for `tenant`'s settings, made on first use.
+    pub fn get(
+        &self,
+        tenant: &TenantConfig,
+        proxy: Option<&str>,
+    ) -> Result<reqwest::Client, CollectorError> {
+        let key = (
+            tenant.ca_file.clone(),
+            proxy.map(str::to_string),
+            tenant.request_timeout_secs,
+        );
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = tenant_http_client(tenant, proxy)?;
+        map.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// Forgets every client (a reload may have changed a CA file's content); running tenants keep
+    /// theirs until they restart.
+    pub fn clear(&self) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
 }
 
 /// State shared by the collectors of one tenant: its config, API client (with its one rate limiter and
@@ -126,10 +168,9 @@ pub fn tenant_http_client(
 /// a credential that cannot be loaded (reported as a status, not a setup failure).
 pub fn tenant_api(
     tenant: &TenantConfig,
-    proxy: Option<&str>,
+    http: reqwest::Client,
     counters: Arc<Counters>,
 ) -> Result<Result<api::ApiClient, auth::AuthError>, CollectorError> {
-    let http = tenant_http_client(tenant, proxy)?;
     let tokens = match auth::TokenProvider::new(tenant, http.clone()) {
         Ok(t) => Arc::new(t),
         Err(e) => return Ok(Err(e)),
@@ -154,7 +195,8 @@ pub fn start_tenant(
     deps: &Deps,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, CollectorError> {
-    let api = match tenant_api(&tenant, deps.proxy.as_deref(), deps.counters.clone())? {
+    let http = deps.clients.get(&tenant, deps.proxy.as_deref())?;
+    let api = match tenant_api(&tenant, http, deps.counters.clone())? {
         Ok(api) => api,
         Err(e) => {
             for ct in &tenant.content_types {

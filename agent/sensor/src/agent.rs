@@ -163,6 +163,7 @@ struct Stages {
 
 struct Shared {
     id: String,
+    clients: Arc<m365_collector::HttpClients>,
     spool: Arc<Spool>,
     status: Arc<StatusBoard>,
     counters: Arc<Counters>,
@@ -197,6 +198,7 @@ impl Shared {
             counters: self.counters.clone(),
             relay_wake: self.wake.clone(),
             proxy: config.network.proxy.clone(),
+            clients: self.clients.clone(),
         };
         let (stop, rx) = watch::channel(false);
         let tasks = m365_collector::start_tenant(tenant.clone(), &deps, rx)
@@ -265,6 +267,7 @@ impl Stages {
             );
         }
         shared.spool.set_max_bytes(new.spool.max_bytes);
+        shared.clients.clear();
         let wanted: BTreeMap<&str, &TenantConfig> =
             new.tenants.iter().map(|t| (t.name.as_str(), t)).collect();
         let proxy_changed = new.network != self.config.network;
@@ -461,6 +464,7 @@ pub async fn run_agent(
     log::info!(target: "agent", "m365-sensor {} starting: sensor id {id}, {} tenant(s), state {}", sensor_core::VERSION, config.tenants.len(), state_dir.display());
     let shared = Shared {
         id: id.clone(),
+        clients: Arc::default(),
         spool: spool.clone(),
         status: Arc::new(StatusBoard::default()),
         counters: Arc::new(Counters::default()),

@@ -116,7 +116,18 @@ async fn check_tenant(r: &mut Report, t: &TenantConfig, proxy: Option<&str>) {
         &format!("{cred}, readable by the sensor only"),
         "",
     );
-    let api = match m365_collector::tenant_api(t, proxy, Arc::new(Counters::default())) {
+    let http = match m365_collector::tenant_http_client(t, proxy) {
+        Ok(h) => h,
+        Err(e) => {
+            return r.line(
+                Verdict::Fail,
+                &format!("{name}: HTTPS client"),
+                &e.to_string(),
+                "check the tenant's ca_file and network.proxy",
+            )
+        }
+    };
+    let api = match m365_collector::tenant_api(t, http, Arc::new(Counters::default())) {
         Ok(Ok(api)) => api,
         Ok(Err(e)) => {
             return r.line(

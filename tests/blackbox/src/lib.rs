@@ -22,9 +22,13 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
-/// The path of a workspace binary; fails with the fix when it was not built.
+/// The path of a workspace binary; fails with the fix when it was not built. `SENSOR_BIN` overrides the
+/// agent's (benchmarks run the static appliance binary with it).
 pub fn bin(name: &str) -> Result<PathBuf> {
-    let p = bin_dir().join(name);
+    let p = match std::env::var_os("SENSOR_BIN") {
+        Some(b) if name == "m365-sensor" => PathBuf::from(b),
+        _ => bin_dir().join(name),
+    };
     if !p.exists() {
         bail!(
             "{} not found: run `cargo build --workspace --bins` first (`make test` does)",
