@@ -493,6 +493,20 @@ pub async fn run_agent(
             p.config_status = s;
         }
     };
+    let document = || {
+        let p = published.lock().unwrap_or_else(|p| p.into_inner());
+        status_document(
+            &DocContext {
+                sensor_id: &id,
+                started,
+                config: &p.config,
+                config_status: &p.config_status,
+            },
+            &status,
+            &spool,
+            &counters,
+        )
+    };
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<Request>(8);
     let control = tokio::spawn(crate::control::run(
         crate::control::ControlContext {
@@ -519,20 +533,7 @@ pub async fn run_agent(
     loop {
         update_spool_state(&status, &spool);
         notifier.watchdog_tick();
-        let doc = {
-            let p = published.lock().unwrap_or_else(|p| p.into_inner());
-            status_document(
-                &DocContext {
-                    sensor_id: &id,
-                    started,
-                    config: &p.config,
-                    config_status: &p.config_status,
-                },
-                &status,
-                &spool,
-                &counters,
-            )
-        };
+        let doc = document();
         if last_overall != Some(doc.overall) {
             last_overall = Some(doc.overall);
             notifier.status(
@@ -633,20 +634,7 @@ pub async fn run_agent(
     let _ = control.await;
     stages.stop().await;
     spool.close().context("closing the spool")?;
-    let doc = {
-        let p = published.lock().unwrap_or_else(|p| p.into_inner());
-        status_document(
-            &DocContext {
-                sensor_id: &id,
-                started,
-                config: &p.config,
-                config_status: &p.config_status,
-            },
-            &status,
-            &spool,
-            &counters,
-        )
-    };
+    let doc = document();
     if let Ok(json) = serde_json::to_vec_pretty(&doc) {
         let _ = write_atomic(&path, &json);
     }

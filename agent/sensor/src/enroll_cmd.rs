@@ -9,12 +9,25 @@ use anyhow::{Context, Result};
 use sensor_control::client::{enroll_device, EnrollOptions};
 
 /// The command line of `enroll`.
+#[derive(clap::Args)]
 pub struct Args {
+    /// The backend's base URL (default: `backend.url` of the configuration file).
+    #[arg(long)]
     pub backend: Option<String>,
+    /// The enrolment token (prefer --token-file: a command line is visible to other users).
+    #[arg(long, conflicts_with = "token_file")]
     pub token: Option<String>,
+    /// File holding the enrolment token.
+    #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Configuration file (for state_dir, network.proxy, backend.url and backend.ca_file); optional.
+    #[arg(long, default_value = crate::DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// Extra trust anchors (PEM) for the backend's server certificate (default: backend.ca_file).
+    #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Enrol again although the device already has an identity.
+    #[arg(long)]
     pub force: bool,
 }
 

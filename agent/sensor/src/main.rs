@@ -63,26 +63,7 @@ enum Command {
     },
     /// Enrols the device with the backend: generates its key pair here, sends a CSR with the single-use
     /// token, installs the returned certificate for mutual TLS.
-    Enroll {
-        /// The backend's base URL (default: `backend.url` of the configuration file).
-        #[arg(long)]
-        backend: Option<String>,
-        /// The enrolment token (prefer --token-file: a command line is visible to other users).
-        #[arg(long, conflicts_with = "token_file")]
-        token: Option<String>,
-        /// File holding the enrolment token.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        /// Configuration file (for state_dir, network.proxy, backend.url and backend.ca_file); optional.
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// Extra trust anchors (PEM) for the backend's server certificate (default: backend.ca_file).
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
-        /// Enrol again although the device already has an identity.
-        #[arg(long)]
-        force: bool,
-    },
+    Enroll(enroll_cmd::Args),
     /// Validates the configuration and prints every error at once.
     CheckConfig {
         /// Configuration file.
@@ -150,23 +131,9 @@ fn real_main(cli: Cli) -> Result<i32> {
             status_cmd::print_status(&state_dir, json)
         }
         Command::Doctor { config } => Ok(runtime()?.block_on(doctor::run(&config))),
-        Command::Enroll {
-            backend,
-            token,
-            token_file,
-            config,
-            ca_file,
-            force,
-        } => {
+        Command::Enroll(args) => {
             logging::init(cli.log_level.as_deref());
-            runtime()?.block_on(enroll_cmd::run(enroll_cmd::Args {
-                backend,
-                token,
-                token_file,
-                config,
-                ca_file,
-                force,
-            }))
+            runtime()?.block_on(enroll_cmd::run(args))
         }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {

@@ -206,6 +206,22 @@ fn enrolment_gives_a_device_identity_used_for_mutual_tls_and_renewed() -> anyhow
     Ok(())
 }
 
+/// The simulator with `scenario`, the receiver, and a sensor configuration with tenant alpha and 1-s
+/// heartbeats.
+fn alpha_rig(d: &Path, scenario: &str) -> anyhow::Result<(Sim, Receiver, std::path::PathBuf)> {
+    let sim = Sim::start(d, scenario)?;
+    let rx = Receiver::start(d)?;
+    let a = TenantSpec::with_secret(
+        "alpha",
+        A,
+        CID,
+        SECRET_A,
+        &["Audit.Exchange", "Audit.General"],
+    );
+    let cfg = write_config(d, &sim, &rx, &[a], "", "[management]\nheartbeat_secs = 1\n")?;
+    Ok((sim, rx, cfg))
+}
+
 fn managed_tenant(sim: &Sim, name: &str, tid: &str, secret: &str) -> Value {
     json!({
         "name": name, "tenant_id": tid, "client_id": CID, "client_secret": secret,
@@ -219,31 +235,17 @@ fn managed_tenant(sim: &Sim, name: &str, tid: &str, secret: &str) -> Value {
 fn remote_configuration_and_commands_apply_live_and_run_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let sim = Sim::start(
+    let (sim, rx, cfg) = alpha_rig(
         d,
         &(tenant_scenario(A, &[SECRET_A]) + &tenant_scenario(B, &[SECRET_B, SECRET_B2])),
     )?;
-    let rx = Receiver::start(d)?;
-    let a = TenantSpec::with_secret(
-        "alpha",
-        A,
-        CID,
-        SECRET_A,
-        &["Audit.Exchange", "Audit.General"],
-    );
-    let cfg = write_config(d, &sim, &rx, &[a], "", "[management]\nheartbeat_secs = 1\n")?;
     let sensor = start_sensor(d, &cfg, 0)?;
     wait_for(Duration::from_secs(60), "alpha's records", || {
         (rx.summary().ok()?["unique_records"].as_u64()? > 0).then_some(())
     })?;
 
     // v1: beta added with an inline secret, gzip for the batches.
-    let local_alpha = json!({
-        "name": "alpha", "tenant_id": A, "client_id": CID, "client_secret": SECRET_A,
-        "content_types": ["Audit.Exchange", "Audit.General"], "backfill_hours": 24,
-        "poll_interval_secs": 1, "request_timeout_secs": 5,
-        "login_url": sim.url, "api_url": sim.url, "ca_file": sim.ca_file,
-    });
+    let local_alpha = managed_tenant(&sim, "alpha", A, SECRET_A);
     rx.post_json(
         "/_rx/config",
         json!({"config": {"tenant": [local_alpha, managed_tenant(&sim, "beta", B, SECRET_B)], "backend": {"compression": "gzip"}}}),
@@ -410,19 +412,10 @@ fn kills_during_a_command_and_during_config_changes_lose_nothing_and_rerun_nothi
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let sim = Sim::start(
+    let (sim, rx, cfg) = alpha_rig(
         d,
         &(tenant_scenario(A, &[SECRET_A]) + &tenant_scenario(B, &[SECRET_B])),
     )?;
-    let rx = Receiver::start(d)?;
-    let a = TenantSpec::with_secret(
-        "alpha",
-        A,
-        CID,
-        SECRET_A,
-        &["Audit.Exchange", "Audit.General"],
-    );
-    let cfg = write_config(d, &sim, &rx, &[a], "", "[management]\nheartbeat_secs = 1\n")?;
     let mut sensor = start_sensor(d, &cfg, 0)?;
     wait_for(Duration::from_secs(60), "records", || {
         (rx.summary().ok()?["unique_records"].as_u64()? > 0).then_some(())
@@ -450,7 +443,7 @@ fn kills_during_a_command_and_during_config_changes_lose_nothing_and_rerun_nothi
     // Configuration versions applied while the agent is killed at random moments.
     let mut rng = 0x9e37_79b9_u64;
     let both = json!([
-        {"name": "alpha", "tenant_id": A, "client_id": CID, "client_secret": SECRET_A, "content_types": ["Audit.Exchange", "Audit.General"], "backfill_hours": 24, "poll_interval_secs": 1, "request_timeout_secs": 5, "login_url": sim.url, "api_url": sim.url, "ca_file": sim.ca_file},
+        managed_tenant(&sim, "alpha", A, SECRET_A),
         managed_tenant(&sim, "beta", B, SECRET_B),
     ]);
     let only_beta = json!([managed_tenant(&sim, "beta", B, SECRET_B)]);
