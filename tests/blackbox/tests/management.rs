@@ -280,16 +280,16 @@ fn remote_configuration_and_commands_apply_live_and_run_once() -> anyhow::Result
     let errors = st["config"]["errors"].to_string();
     assert!(errors.contains("state_dir"), "{errors}");
     assert_eq!(st["config"]["version"], 1);
-    let hb = rx.get_json("/_rx/heartbeats")?;
-    let last = hb
-        .as_array()
-        .and_then(|a| a.last())
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(
-        last["document"]["config"]["refused_version"], 2,
-        "the heartbeat reports the refusal"
-    );
+    // The heartbeat after the refusal reports it too (it follows a state change within seconds).
+    wait_for(
+        Duration::from_secs(20),
+        "a heartbeat reporting the refusal",
+        || {
+            let hb = rx.get_json("/_rx/heartbeats").ok()?;
+            let last = hb.as_array()?.last()?.clone();
+            (last["document"]["config"]["refused_version"] == 2).then_some(())
+        },
+    )?;
 
     // Commands.
     let level = rx.queue_command("set_log_level", json!({"level": "debug"}))?;
@@ -392,11 +392,14 @@ fn remote_configuration_and_commands_apply_live_and_run_once() -> anyhow::Result
     }
     // Beta still collects with its rotated secret, and nothing was lost or duplicated by the resync,
     // the rotation or the configuration changes.
-    let st = sensor_status(d).unwrap_or_default();
-    assert_eq!(
-        st["components"]["tenant/beta/Audit.Exchange"]["state"], "ok",
-        "{st:#}"
-    );
+    wait_for(
+        Duration::from_secs(30),
+        "beta ok with its rotated secret",
+        || {
+            let st = sensor_status(d)?;
+            (st["components"]["tenant/beta/Audit.Exchange"]["state"] == "ok").then_some(())
+        },
+    )?;
     sim.set_generation(false)?;
     let v = wait_for_delivery(&sim, &rx, Duration::from_secs(120))?;
     assert!(v.is_exact(), "{}", describe(&v));
