@@ -92,7 +92,7 @@ fn commit_dedups_within_and_across_blobs_and_marks_done() {
     assert!(spool.is_done(TENANT, "Audit.General", "b1").expect("done"));
     assert!(!spool.is_done(TENANT, "Audit.General", "b3").expect("done"));
     drop(spool);
-    let spool = Spool::open(dir.path(), opts()).expect("reopen");
+    let spool = reopen(dir.path());
     assert_eq!(
         commit(&spool, "b3", &[1, 5]),
         CommitOutcome {
@@ -181,6 +181,25 @@ struct Model {
     max_seq: u64,
 }
 
+/// Opens the spool again right after dropping it in the same process. sled's flusher thread holds its
+/// database lock for a moment after the last handle is dropped (a new process after a crash never sees
+/// that), so a lock conflict is retried for up to 10 s.
+fn reopen(dir: &std::path::Path) -> Spool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Spool::open(dir, opts()) {
+            Ok(s) => return s,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -248,7 +267,7 @@ proptest! {
                 }
                 Op::Reopen => {
                     drop(spool);
-                    spool = Spool::open(dir.path(), opts()).expect("reopen");
+                    spool = reopen(dir.path());
                 }
             }
             // Every outstanding batch reads back exactly as cut, in order.
