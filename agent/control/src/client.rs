@@ -116,6 +116,14 @@ async fn exchange<T: DeserializeOwned>(
     })
 }
 
+/// Whether `a` and `b` have the same scheme, host and port (unparsable URLs never match).
+fn same_origin(a: &str, b: &str) -> bool {
+    match (url::Url::parse(a), url::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
 impl ManagementClient {
     /// A client for `base_url` (no trailing slash needed) that identifies as `sensor_id`.
     pub fn new(http: reqwest::Client, base_url: &str, sensor_id: &str) -> Self {
@@ -138,6 +146,20 @@ impl ManagementClient {
             .http
             .request(method, format!("{}{path}", self.base))
             .header("X-Sensor-Id", &self.sensor_id);
+        match &self.bearer {
+            Some(t) => req.bearer_auth(t.as_str()),
+            None => req,
+        }
+    }
+
+    /// A GET of an absolute `url`. The sensor's id and bearer token go only to the backend's own origin
+    /// (scheme, host and port of the base URL); any other host gets a plain request.
+    pub fn get_absolute(&self, url: &str) -> reqwest::RequestBuilder {
+        let req = self.http.get(url);
+        if !same_origin(url, &self.base) {
+            return req;
+        }
+        let req = req.header("X-Sensor-Id", &self.sensor_id);
         match &self.bearer {
             Some(t) => req.bearer_auth(t.as_str()),
             None => req,

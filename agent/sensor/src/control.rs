@@ -13,6 +13,7 @@ use sensor_control::identity::{self, Identity, NewIdentity};
 use sensor_control::journal::Journal;
 use sensor_control::managed::{self, CredentialOverride, Managed};
 use sensor_control::protocol::{Command, CommandResult, HeartbeatAnswer};
+use sensor_control::update;
 use sensor_core::config::{BackendConfig, Config, TenantConfig};
 use sensor_core::counters::Counters;
 use sensor_core::status::StatusBoard;
@@ -32,6 +33,8 @@ const RENEWAL_CHECK: Duration = Duration::from_secs(60);
 const DEFAULT_VERIFY_SECS: u64 = 120;
 /// File that asks the host to reboot (watched by `m365-sensor-reboot.path`).
 pub const REBOOT_REQUEST: &str = "reboot-requested";
+/// How long the host's updater may take to install a bundle (RAUC writes a whole root slot).
+const UPDATE_WAIT: Duration = Duration::from_secs(30 * 60);
 
 /// What the control task works with.
 pub struct ControlContext {
@@ -237,7 +240,7 @@ async fn handle_answer(
             continue;
         }
         log::info!(target: "control", "running command {} ({})", cmd.id, cmd.kind);
-        let result = execute(ctx, c, journal, &cmd).await;
+        let (result, then) = execute(ctx, c, journal, &cmd).await;
         if result.ok {
             log::info!(target: "control", "command {} ({}): {}", cmd.id, cmd.kind, result.message);
         } else {
@@ -246,7 +249,24 @@ async fn handle_answer(
         if let Err(e) = journal.finish(&cmd.id, result) {
             log::error!(target: "control", "cannot journal the result of {}: {e}", cmd.id);
         }
+        if then == Then::Reboot {
+            // The result reaches the backend before the reboot when it can; otherwise the journal
+            // reports it after the reboot.
+            report_results(c, journal).await;
+            if let Err(e) = request_reboot(ctx, &cmd) {
+                log::error!(target: "control", "command {}: {e}", cmd.id);
+            }
+        }
     }
+}
+
+/// What follows a command once its result is journaled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Then {
+    /// Nothing.
+    Done,
+    /// Report the result, then reboot the host (an installed update boots the new slot).
+    Reboot,
 }
 
 async fn report_results(c: &ManagementClient, journal: &mut Journal) {
@@ -327,18 +347,75 @@ async fn execute(
     c: &ManagementClient,
     journal: &Journal,
     cmd: &Command,
-) -> CommandResult {
-    result(match cmd.kind.as_str() {
+) -> (CommandResult, Then) {
+    if cmd.kind == "install_update" {
+        return match install_update(ctx, c, cmd).await {
+            Ok((message, then)) => (CommandResult { ok: true, message }, then),
+            Err(message) => (CommandResult { ok: false, message }, Then::Done),
+        };
+    }
+    let r = match cmd.kind.as_str() {
         "set_log_level" => set_log_level(cmd),
         "resync" => resync(ctx, cmd).await,
         "rotate_credentials" => rotate_credentials(ctx, cmd).await,
         "collect_diagnostics" => collect_diagnostics(ctx, c, journal, cmd).await,
-        "install_update" => Err("install_update: this host has no updater (the appliance image's RAUC is not installed); update the package instead".into()),
         "reboot" => request_reboot(ctx, cmd),
         other => Err(format!(
             "unknown command kind `{other}`; this sensor runs rotate_credentials, resync, set_log_level, collect_diagnostics, install_update and reboot"
         )),
-    })
+    };
+    (result(r), Then::Done)
+}
+
+/// `install_update`: downloads the bundle, checks its SHA-256, hands it to the host's updater and waits
+/// for its answer. The bundle file is deleted afterwards, installed or not.
+async fn install_update(
+    ctx: &ControlContext,
+    c: &ManagementClient,
+    cmd: &Command,
+) -> Result<(String, Then), String> {
+    let fail = |e: update::UpdateError| format!("install_update: {e}");
+    let updater = update::updater().ok_or_else(|| {
+        fail(update::UpdateError::NoUpdater(PathBuf::from(
+            update::UPDATER,
+        )))
+    })?;
+    let req = update::UpdateRequest::from_args(&cmd.args).map_err(|e| e.to_string())?;
+    let name = update::bundle_name(&cmd.id);
+    let (bundle, _) = update::download(c, &req.url, &ctx.state_dir, &name, Some(&req.sha256))
+        .await
+        .map_err(fail)?;
+    log::info!(target: "control", "command {}: bundle {} verified (SHA-256), handing it to {}", cmd.id, bundle.display(), updater.display());
+    let outcome = async {
+        update::request_install(&ctx.state_dir, &bundle, &cmd.id, req.allow_downgrade)?;
+        update::wait_outcome(&ctx.state_dir, &cmd.id, UPDATE_WAIT).await
+    }
+    .await;
+    if let Err(e) = std::fs::remove_file(&bundle) {
+        log::warn!(target: "control", "removing {}: {e}", bundle.display());
+    }
+    let outcome = outcome.map_err(fail)?;
+    if !outcome.ok {
+        return Err(format!(
+            "install_update {} ({}): {}",
+            outcome.code, outcome.version, outcome.message
+        ));
+    }
+    let then = if req.reboot { Then::Reboot } else { Then::Done };
+    Ok((
+        format!(
+            "version {} installed into slot {}{}: {}",
+            outcome.version,
+            outcome.slot,
+            if req.reboot {
+                "; rebooting into it"
+            } else {
+                "; it boots at the next reboot"
+            },
+            outcome.message
+        ),
+        then,
+    ))
 }
 
 fn set_log_level(cmd: &Command) -> Result<String, String> {

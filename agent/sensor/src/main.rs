@@ -11,6 +11,7 @@ mod harden;
 mod logging;
 mod sdnotify;
 mod status_cmd;
+mod update_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +65,9 @@ enum Command {
     /// Enrols the device with the backend: generates its key pair here, sends a CSR with the single-use
     /// token, installs the returned certificate for mutual TLS.
     Enroll(enroll_cmd::Args),
+    /// Installs a signed update bundle (file or https:// URL) into the inactive slot of the appliance
+    /// image, as root. Exit 0 installed, 1 refused, 2 failed.
+    Update(update_cmd::Args),
     /// Validates the configuration and prints every error at once.
     CheckConfig {
         /// Configuration file.
@@ -135,6 +139,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             logging::init(cli.log_level.as_deref());
             runtime()?.block_on(enroll_cmd::run(args))
         }
+        Command::Update(args) => runtime()?.block_on(update_cmd::run(args)),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{}: OK ({} tenant(s))", config.display(), c.tenants.len());

@@ -156,6 +156,7 @@ pub async fn start(cfg: ReceiverConfig) -> Result<ReceiverHandle, ReceiverError>
         .route("/v1/renew", post(enroll::renew))
         .route("/v1/commands/{id}/result", post(manage::command_result))
         .route("/v1/diagnostics", post(manage::diagnostics))
+        .route("/v1/files/{name}", get(manage::file))
         .with_state(Arc::clone(&shared));
 
     let control_listener =

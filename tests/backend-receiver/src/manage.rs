@@ -1,6 +1,8 @@
 //! The management handlers of the main port (`POST /v1/heartbeat`, `GET /v1/config`,
 //! `POST /v1/commands/<id>/result`, `POST /v1/diagnostics`) and their control endpoints (`/_rx/config`,
-//! `/_rx/commands`, `/_rx/enroll-tokens`, `/_rx/enrollments`, `/_rx/diagnostics`, `/_rx/heartbeats`).
+//! `/_rx/commands`, `/_rx/enroll-tokens`, `/_rx/enrollments`, `/_rx/diagnostics`, `/_rx/heartbeats`),
+//! and the file store for update bundles (`GET /v1/files/<name>`, filled by `PUT /_rx/files/<name>`, its
+//! downloads listed by `GET /_rx/downloads`).
 //!
 //! Order of checks on heartbeat: `slow_ms`, injected `heartbeat_status` (nothing stored or delivered),
 //! authentication (401), body (413/415/400), then the document is stored and the answer carries the
@@ -226,6 +228,8 @@ pub(crate) fn control_router(shared: Arc<Shared>) -> Router {
         .route("/_rx/commands", get(commands).post(queue_command))
         .route("/_rx/diagnostics", get(diagnostic_bundles))
         .route("/_rx/heartbeats", get(heartbeats))
+        .route("/_rx/files/{name}", axum::routing::put(put_file))
+        .route("/_rx/downloads", get(downloads))
         .with_state(shared)
 }
 
@@ -299,4 +303,47 @@ async fn diagnostic_bundles(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn heartbeats(State(shared): State<Arc<Shared>>) -> Response {
     Json(shared.lock_mgmt().heartbeats()).into_response()
+}
+
+/// `GET /v1/files/<name>`: a file put by the test (an update bundle), to authenticated sensors only.
+pub(crate) async fn file(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    let (parts, _) = req.into_parts();
+    if !authenticated(&shared, &parts) {
+        return unauthenticated().into_response();
+    }
+    let mut m = shared.lock_mgmt();
+    m.downloads.push((name.clone(), sensor_id(&parts)));
+    match m.files.get(&name) {
+        Some(bytes) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            bytes.clone(),
+        )
+            .into_response(),
+        None => Reject::new(StatusCode::NOT_FOUND, format!("no file {name}")).into_response(),
+    }
+}
+
+async fn put_file(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: bytes::Bytes,
+) -> Response {
+    log::info!("file {name}: {} bytes", body.len());
+    shared.lock_mgmt().files.insert(name, body);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn downloads(State(shared): State<Arc<Shared>>) -> Response {
+    let list: Vec<_> = shared
+        .lock_mgmt()
+        .downloads
+        .iter()
+        .map(|(name, sensor)| serde_json::json!({"name": name, "sensor_id": sensor}))
+        .collect();
+    Json(list).into_response()
 }

@@ -101,6 +101,10 @@ pub(crate) struct Mgmt {
     command_index: HashMap<String, usize>,
     diagnostics: VecDeque<DiagnosticsBundle>,
     heartbeats: VecDeque<HeartbeatRecord>,
+    /// Files served at `GET /v1/files/<name>` (update bundles), and who fetched each.
+    pub files: BTreeMap<String, bytes::Bytes>,
+    /// One entry per download: (file name, sensor id of the request, if any).
+    pub downloads: Vec<(String, Option<String>)>,
     pub counters: MgmtCounters,
 }
 

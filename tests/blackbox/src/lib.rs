@@ -309,6 +309,16 @@ impl Receiver {
             .json()?)
     }
 
+    /// Puts a file the sensor can download from `<url>/v1/files/<name>` (authenticated).
+    pub fn put_file(&self, name: &str, bytes: Vec<u8>) -> Result<String> {
+        self.http
+            .put(format!("{}/_rx/files/{name}", self.control_url))
+            .body(bytes)
+            .send()?
+            .error_for_status()?;
+        Ok(format!("{}/v1/files/{name}", self.url))
+    }
+
     /// Queues a command; returns its id.
     pub fn queue_command(&self, kind: &str, args: Value) -> Result<String> {
         let v = self.post_json(

@@ -480,3 +480,209 @@ fn kills_during_a_command_and_during_config_changes_lose_nothing_and_rerun_nothi
     drop(sensor);
     Ok(())
 }
+
+/// Plays the host's updater (`m365-update request`, run by `m365-sensor-update.path` on the image): takes
+/// the request file, checks the bundle it names is `expected`, answers `in_progress`, then `answer`.
+fn fake_updater(
+    state: std::path::PathBuf,
+    expected: Vec<u8>,
+    answer: fn(&str) -> Value,
+) -> std::thread::JoinHandle<anyhow::Result<String>> {
+    std::thread::spawn(move || {
+        let req_path = state.join("update-requested");
+        let req = wait_for(Duration::from_secs(60), "the update request", || {
+            std::fs::read_to_string(&req_path).ok()
+        })?;
+        std::fs::remove_file(&req_path)?;
+        let field = |k: &str| {
+            req.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+                .unwrap_or_default()
+        };
+        let bundle = field("bundle");
+        anyhow::ensure!(
+            bundle.starts_with(&state.join("update/").display().to_string()),
+            "bundle outside <state>/update/: {req}"
+        );
+        anyhow::ensure!(
+            std::fs::read(&bundle)? == expected,
+            "the bundle is not what the backend served"
+        );
+        anyhow::ensure!(field("reboot") == "no", "the agent reboots itself: {req}");
+        let id = field("id");
+        let result = state.join("update-result.json");
+        std::fs::write(
+            &result,
+            json!({"ok": false, "code": "in_progress", "id": id}).to_string(),
+        )?;
+        std::thread::sleep(Duration::from_secs(2));
+        std::fs::write(&result, answer(&id).to_string())?;
+        Ok(req)
+    })
+}
+
+#[test]
+fn install_update_hands_a_verified_bundle_to_the_updater_then_reboots() -> anyhow::Result<()> {
+    use sha2::Digest;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (_sim, rx, cfg) = alpha_rig(d, &tenant_scenario(A, &[SECRET_A]))?;
+    let updater = d.join("m365-update");
+    std::fs::write(&updater, "#!/bin/sh\nexit 2\n")?;
+    let sensor = start_sensor_with_env(
+        d,
+        &cfg,
+        0,
+        &[("M365_SENSOR_UPDATER", updater.to_str().unwrap_or_default())],
+    )?;
+    let state = d.join("state");
+    let bundle: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let sha = hex::encode(sha2::Sha256::digest(&bundle));
+    let url = rx.put_file("b1.raucb", bundle.clone())?;
+
+    // A bundle whose SHA-256 is not the one named: deleted, never handed over.
+    let wrong = rx.queue_command(
+        "install_update",
+        json!({"url": url, "sha256": "ab".repeat(32)}),
+    )?;
+    let r = rx.wait_result(&wrong, Duration::from_secs(60))?;
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["message"].as_str().unwrap_or("").contains(&sha),
+        "names the SHA-256 that arrived: {r}"
+    );
+    assert!(!state.join("update-requested").exists());
+    assert_eq!(
+        std::fs::read_dir(state.join("update"))?.count(),
+        0,
+        "nothing left behind"
+    );
+
+    // The updater refuses (say, a downgrade): reported with its reason, no reboot.
+    let refuser = fake_updater(state.clone(), bundle.clone(), |id| {
+        json!({"ok": false, "code": "refused", "slot": "", "version": "0.0.9", "id": id,
+               "message": "bundle version 0.0.9 is not newer than the running 0.1.0 (downgrade refused)"})
+    });
+    let refused = rx.queue_command("install_update", json!({"url": url, "sha256": sha}))?;
+    let r = rx.wait_result(&refused, Duration::from_secs(90))?;
+    refuser
+        .join()
+        .map_err(|_| anyhow::anyhow!("updater thread"))??;
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("downgrade refused"),
+        "{r}"
+    );
+    assert!(
+        !state.join("reboot-requested").exists(),
+        "no reboot after a refusal"
+    );
+
+    // Installed: the result is reported, then the reboot is requested; the bundle file is gone.
+    let installer = fake_updater(state.clone(), bundle.clone(), |id| {
+        json!({"ok": true, "code": "installed", "slot": "B", "version": "0.2.0", "id": id,
+               "message": "installed into slot B"})
+    });
+    let good = rx.queue_command("install_update", json!({"url": url, "sha256": sha}))?;
+    let r = rx.wait_result(&good, Duration::from_secs(90))?;
+    installer
+        .join()
+        .map_err(|_| anyhow::anyhow!("updater thread"))??;
+    assert_eq!(r["ok"], true, "{r}\n{}", sensor.log_text());
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("0.2.0 installed into slot B; rebooting"),
+        "{r}"
+    );
+    let reboot = wait_for(Duration::from_secs(10), "the reboot request", || {
+        std::fs::read_to_string(state.join("reboot-requested")).ok()
+    })?;
+    assert_eq!(reboot, good);
+    assert_eq!(
+        std::fs::read_dir(state.join("update"))?.count(),
+        0,
+        "the bundle is removed"
+    );
+    // Each download carried the sensor's identity (the bundle URL is the backend's own origin).
+    let downloads = rx.get_json("/_rx/downloads")?;
+    assert_eq!(downloads.as_array().map(Vec::len), Some(3), "{downloads}");
+    std::thread::sleep(Duration::from_secs(3));
+    for id in [&wrong, &refused, &good] {
+        assert_eq!(rx.command(id)?["results"].as_array().map(Vec::len), Some(1));
+    }
+    Ok(())
+}
+
+#[test]
+fn update_command_checks_the_bundle_then_runs_the_updater_and_keeps_its_exit_code(
+) -> anyhow::Result<()> {
+    use sha2::Digest;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let bundle = d.join("b.raucb");
+    std::fs::write(&bundle, b"not really a bundle")?;
+    let sha = hex::encode(sha2::Sha256::digest(b"not really a bundle"));
+    let calls = d.join("calls");
+    let updater = d.join("m365-update");
+    std::fs::write(
+        &updater,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\nif [ \"$3\" = --allow-downgrade ]; then echo '{{\"ok\":true,\"action\":\"install\",\"code\":\"installed\",\"slot\":\"B\",\"version\":\"0.0.9\",\"id\":\"\",\"message\":\"m\"}}'; exit 0; fi\necho '{{\"ok\":false,\"action\":\"install\",\"code\":\"refused\",\"slot\":\"\",\"version\":\"0.0.9\",\"id\":\"\",\"message\":\"downgrade refused\"}}'; exit 1\n",
+            calls.display()
+        ),
+    )?;
+    set_mode(&updater, 0o755)?;
+    let run = |env: bool, args: &[&str]| -> anyhow::Result<std::process::Output> {
+        let mut c = Command::new(bin("m365-sensor")?);
+        c.arg("update").args(args);
+        if env {
+            c.env("M365_SENSOR_UPDATER", &updater);
+        }
+        Ok(c.output()?)
+    };
+    let b = bundle.to_str().unwrap_or_default();
+
+    let out = run(false, &["--bundle", b])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no updater"),
+        "{out:?}"
+    );
+
+    let out = run(true, &["--bundle", b, "--sha256", &"0".repeat(64)])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&sha),
+        "{out:?}"
+    );
+    assert!(
+        !calls.exists(),
+        "the updater never ran for a wrong checksum"
+    );
+
+    let out = run(true, &["--bundle", b, "--sha256", &sha])?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("downgrade refused"),
+        "{out:?}"
+    );
+
+    let out = run(true, &["--bundle", b, "--allow-downgrade"])?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("installed version 0.0.9 into slot B"));
+    assert_eq!(
+        std::fs::read_to_string(&calls)?,
+        format!("install {b}\ninstall {b} --allow-downgrade\n")
+    );
+
+    let out = run(true, &["--bundle", "http://example.invalid/b.raucb"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only local files and https://"));
+    Ok(())
+}
