@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sensor_control::client::ManagementClient;
+use sensor_control::client::{ClientError, ManagementClient};
 use sensor_control::identity::{self, Identity, NewIdentity};
 use sensor_control::journal::Journal;
 use sensor_control::managed::{self, CredentialOverride, Managed};
@@ -185,7 +185,9 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
             if let Some((_, _, c)) = &client {
                 last_sent = Some(Instant::now());
                 last_signature = sig;
-                match c.heartbeat(&ctx.document()).await {
+                let outcome = c.heartbeat(&ctx.document()).await;
+                note_backend_link(&ctx, &outcome);
+                match outcome {
                     Ok(answer) => {
                         if last_error.take().is_some() {
                             log::info!(target: "control", "heartbeats reach the backend again");
@@ -214,6 +216,37 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// The heartbeat's outcome is the backend link's state while the relay has nothing to send (no pending
+/// record: it has no newer observation of its own). Without this, an idle sensor whose backend is gone
+/// would show `starting` or a stale `ok`. With records pending, the relay's own sends decide.
+fn note_backend_link(ctx: &ControlContext, outcome: &Result<HeartbeatAnswer, ClientError>) {
+    if ctx.spool.figures().pending_records > 0 {
+        return;
+    }
+    use sensor_core::status::State;
+    match outcome {
+        Ok(_) => {
+            ctx.status.set("backend", State::Ok, None, None);
+        }
+        Err(e) if matches!(e.status(), Some(401 | 403)) => {
+            ctx.status.set(
+                "backend",
+                State::BackendAuthFailed,
+                Some(e.to_string()),
+                Some("heartbeat refused; nothing buffered".into()),
+            );
+        }
+        Err(e) => {
+            ctx.status.set(
+                "backend",
+                State::BackendUnreachable,
+                Some(e.to_string()),
+                Some("backend unreachable, nothing buffered".into()),
+            );
         }
     }
 }

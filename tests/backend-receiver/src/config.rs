@@ -30,6 +30,9 @@ pub struct ReceiverConfig {
     /// Validity of the certificates issued by `POST /v1/enroll` and `POST /v1/renew` (whole seconds;
     /// short in tests that exercise renewal).
     pub device_cert_validity: Duration,
+    /// Names (DNS or IP) the server certificate carries besides `127.0.0.1` and `localhost` (a VM that
+    /// reaches the receiver through a forwarded address).
+    pub server_names: Vec<String>,
 }
 
 impl Default for ReceiverConfig {
@@ -43,6 +46,7 @@ impl Default for ReceiverConfig {
             device_cn: "m365-sensor-device".to_string(),
             enrollment_tokens: Vec::new(),
             device_cert_validity: DEFAULT_DEVICE_CERT_VALIDITY,
+            server_names: Vec::new(),
         }
     }
 }

@@ -136,7 +136,9 @@ impl std::fmt::Debug for ReceiverHandle {
 pub async fn start(cfg: ReceiverConfig) -> Result<ReceiverHandle, ReceiverError> {
     sensor_testkit::install_crypto_provider();
     let ca = sensor_testkit::TestCa::new("backend-receiver test CA")?;
-    let server_cert = ca.issue_server(&["127.0.0.1", "localhost"])?;
+    let mut names = vec!["127.0.0.1", "localhost"];
+    names.extend(cfg.server_names.iter().map(String::as_str));
+    let server_cert = ca.issue_server(&names)?;
     let device = ca.issue_client(&cfg.device_cn)?;
     // Client certificates are verified when presented but not required: enrolment and bearer-token
     // clients connect without one, and each handler decides.

@@ -42,6 +42,10 @@ struct Args {
     /// Validity of the certificates issued at enrolment and renewal, seconds.
     #[arg(long, default_value_t = backend_receiver::DEFAULT_DEVICE_CERT_VALIDITY.as_secs())]
     device_cert_validity_secs: u64,
+    /// Another name (DNS or IP) for the server certificate, e.g. the address a VM reaches the receiver
+    /// by (repeat the flag for more).
+    #[arg(long = "server-name", value_name = "NAME")]
+    server_names: Vec<String>,
 }
 
 /// A minimal stderr logger.
@@ -127,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         max_decompressed_bytes: args.max_decompressed_bytes,
         enrollment_tokens: args.enroll_tokens,
         device_cert_validity: std::time::Duration::from_secs(args.device_cert_validity_secs),
+        server_names: args.server_names,
         ..Default::default()
     };
     let handle = backend_receiver::start(cfg).await?;

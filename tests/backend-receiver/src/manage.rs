@@ -228,7 +228,10 @@ pub(crate) fn control_router(shared: Arc<Shared>) -> Router {
         .route("/_rx/commands", get(commands).post(queue_command))
         .route("/_rx/diagnostics", get(diagnostic_bundles))
         .route("/_rx/heartbeats", get(heartbeats))
-        .route("/_rx/files/{name}", axum::routing::put(put_file))
+        .route(
+            "/_rx/files/{name}",
+            axum::routing::put(put_file).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/_rx/downloads", get(downloads))
         .with_state(shared)
 }

@@ -686,3 +686,39 @@ fn update_command_checks_the_bundle_then_runs_the_updater_and_keeps_its_exit_cod
     assert!(String::from_utf8_lossy(&out.stderr).contains("only local files and https://"));
     Ok(())
 }
+
+#[test]
+fn an_idle_sensor_shows_its_backend_link_from_the_heartbeats() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (sim, rx, cfg) = alpha_rig(d, &scenario_with_live(A, &[SECRET_A], 0))?;
+    let sensor = start_sensor(d, &cfg, 0)?;
+    let v = wait_for_delivery(&sim, &rx, Duration::from_secs(90))?;
+    assert!(v.is_exact(), "{}", describe(&v));
+    let backend_state = || -> Option<String> {
+        let st = sensor_status(d)?;
+        (st["spool"]["pending_records"].as_u64().unwrap_or(0) == 0 || st["spool"].is_null()).then(
+            || {
+                st["components"]["backend"]["state"]
+                    .as_str()
+                    .map(str::to_string)
+            },
+        )?
+    };
+    wait_for(Duration::from_secs(30), "backend ok", || {
+        (backend_state()? == "ok").then_some(())
+    })?;
+    // Nothing left to send: only the heartbeats can notice the backend is gone, and they must.
+    rx.control("/_rx/down", json!({ "indefinitely": true }))?;
+    wait_for(
+        Duration::from_secs(30),
+        "backend_unreachable while idle",
+        || (backend_state()? == "backend_unreachable").then_some(()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", sensor.log_text()))?;
+    rx.control("/_rx/up", json!({}))?;
+    wait_for(Duration::from_secs(30), "backend ok again", || {
+        (backend_state()? == "ok").then_some(())
+    })?;
+    Ok(())
+}
