@@ -14,12 +14,14 @@ build:
 demo:
 	$(CARGO) run -q -p m365-sensor -- demo --records $(DEMO_RECORDS)
 
-## Unit, property and black-box tests (the black-box suites start the real binaries), then packaging and the
-## static binaries (the aarch64 one under qemu-user).
+## Unit, property and black-box tests (the black-box suites start the real binaries), then packaging, the
+## static binaries (the aarch64 one under qemu-user) and the x86_64 appliance image booted under QEMU
+## (image/image.mk; needs root and image/host-deps.sh).
 test: build
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) test-packaging
 	$(MAKE) test-dist
+	$(MAKE) test-image
 
 ## The systemd unit's exposure score and the .deb installed into a scratch root (needs root, systemd-analyze).
 test-packaging: build
@@ -49,7 +51,7 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)
 
--include image/image.mk
+include image/image.mk
 
 ## Benchmarks print figures; no test asserts a time. The multi-tenant run starts the release binaries
 ## (simulator, sensor, receiver); TENANTS=N changes its tenant count (default 200).

@@ -9,7 +9,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -304,6 +306,10 @@ pub fn read_outcome(state_dir: &Path, id: &str) -> Result<Option<UpdateOutcome>,
     Ok(Some(outcome))
 }
 
+/// How long an answer may stay unreadable before it counts as garbage (a writer that does not replace
+/// the file atomically can be caught half way).
+const UNREADABLE_GRACE: Duration = Duration::from_secs(10);
+
 /// Waits up to `timeout` for the updater's final answer to request `id`.
 pub async fn wait_outcome(
     state_dir: &Path,
@@ -311,9 +317,18 @@ pub async fn wait_outcome(
     timeout: Duration,
 ) -> Result<UpdateOutcome, UpdateError> {
     let start = Instant::now();
+    let mut unreadable_since: Option<Instant> = None;
     loop {
-        if let Some(o) = read_outcome(state_dir, id)? {
-            return Ok(o);
+        match read_outcome(state_dir, id) {
+            Ok(Some(o)) => return Ok(o),
+            Ok(None) => unreadable_since = None,
+            Err(e @ UpdateError::BadAnswer { .. }) => {
+                let since = *unreadable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= UNREADABLE_GRACE {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
         }
         if start.elapsed() >= timeout {
             let pending = state_dir.join(REQUEST_FILE).exists();
@@ -357,6 +372,32 @@ mod tests {
             e(json!({"url": "https://b/x", "sha256": "ab".repeat(32), "reboot": "yes"}))
                 .contains("args.reboot")
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_caught_half_written_is_read_again() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let answer = d.path().join(RESULT_FILE);
+        std::fs::write(&answer, "").expect("write");
+        let path = answer.clone();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            std::fs::write(
+                &path,
+                r#"{"ok":true,"code":"installed","slot":"B","id":"c1"}"#,
+            )
+            .expect("write");
+        });
+        let o = wait_outcome(d.path(), "c1", Duration::from_secs(60))
+            .await
+            .expect("the complete answer");
+        assert_eq!(o.slot, "B");
+        writer.await.expect("writer");
+        std::fs::write(&answer, "{").expect("write");
+        let e = wait_outcome(d.path(), "c1", Duration::from_secs(60))
+            .await
+            .expect_err("garbage that stays");
+        assert!(e.to_string().contains("unreadable"), "{e}");
     }
 
     #[test]
