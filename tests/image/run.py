@@ -622,7 +622,7 @@ def scenario_update(a, raw, workdir):
         enrolled = hb = None
         deadline = time.monotonic() + a.timeout
         while time.monotonic() < deadline and not (enrolled and hb):
-            enrolled = rx.call("GET", "/_rx/enrollments")
+            enrolled = rx.call("GET", "/_rx/enrollments")["issued"]
             hb = rx.call("GET", "/_rx/heartbeats")
             time.sleep(2)
         if not check("update: the device enrolled with the seeded token and heartbeats over mutual TLS",
@@ -650,6 +650,7 @@ def scenario_update(a, raw, workdir):
         if not check("update: the agent's reboot request boots slot B", t3 is not None, b.tail() if t3 is None else ""):
             return
         t4 = b.wait_for(r"M365-HEALTH: good slot=B", after=t3)
+        b.wait_for(r"M365-REPORT-END", after=t3)
         rep = b.report(after=t3)
         check("update: slot B runs the new image with the agent active", rep.get("slot") == "B" and
               rep.get("image") == version and rep.get("agent_active") == "active",

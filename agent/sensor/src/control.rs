@@ -437,15 +437,14 @@ async fn install_update(
     let then = if req.reboot { Then::Reboot } else { Then::Done };
     Ok((
         format!(
-            "version {} installed into slot {}{}: {}",
+            "version {} installed into slot {}; {}, then its health check keeps it or rolls back",
             outcome.version,
             outcome.slot,
             if req.reboot {
-                "; rebooting into it"
+                "rebooting into it"
             } else {
-                "; it boots at the next reboot"
+                "it boots at the next reboot"
             },
-            outcome.message
         ),
         then,
     ))
