@@ -29,14 +29,20 @@
 //!   'Q' seq:u64be              -> QuarantineItem (JSON)
 //!   'M' name                   -> next_chunk, next_batch, next_quarantine (u64be), batch_pos (u64be u32be),
 //!                                 figures (JSON)
-//! tree "seen-<day>" per UTC day: tenant_id 0x00 record_id -> () ; whole days are dropped after dedup_days
+//! tree "seen2-<day>" per UTC day: keys::seen_key_v2(tenant_id, record_id) -> () (33 bytes for GUIDs);
+//!   whole days are dropped after dedup_days (dedup.rs)
+//! tree "seen-<day>" (format 1, older versions): tenant_id 0x00 record_id -> () ; read until it expires
 //! ```
 //! `source` is `<tenant_id>/<content_type>`. A position is (chunk seq, record index in that chunk).
 
 mod chunk;
+mod dedup;
 mod keys;
 
-use std::collections::{BTreeMap, HashSet};
+pub use dedup::DedupWindow;
+pub use keys::{seen_key, seen_key_v2, seen_tree_name};
+
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -230,7 +236,7 @@ struct Inner {
     next_quarantine: u64,
     batch_pos: Pos,
     figures: Figures,
-    seen: BTreeMap<u32, sled::Tree>,
+    seen: DedupWindow,
     oldest_unbatched: Option<Instant>,
 }
 
@@ -326,12 +332,7 @@ impl Spool {
             Some(v) => serde_json::from_slice(&v)
                 .map_err(|e| SpoolError::Corrupt(format!("figures: {e}")))?,
         };
-        let mut seen = BTreeMap::new();
-        for name in db.tree_names() {
-            if let Some(day) = keys::seen_tree_day(&name) {
-                seen.insert(day, db.open_tree(&name)?);
-            }
-        }
+        let seen = DedupWindow::open(&db)?;
         let oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
         let spool = Spool {
             dir: dir.to_path_buf(),
@@ -377,14 +378,7 @@ impl Spool {
     pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
         let mut inner = self.lock();
         let today = day_of(now_unix());
-        let today_tree = match inner.seen.get(&today) {
-            Some(t) => t.clone(),
-            None => {
-                let t = self.db.open_tree(keys::seen_tree_name(today))?;
-                inner.seen.insert(today, t.clone());
-                t
-            }
-        };
+        let today_tree = inner.seen.day_tree(today)?;
         let mut new_ids: Vec<Vec<u8>> = Vec::new();
         let mut in_blob: HashSet<Vec<u8>> = HashSet::new();
         let mut duplicates = 0u64;
@@ -395,8 +389,8 @@ impl Spool {
         let mut raw_total = 0u64;
         let mut next_chunk = inner.next_chunk;
         for r in c.records {
-            let key = keys::seen_key(c.tenant_id, r.id);
-            if in_blob.contains(&key) || Self::seen_before(&inner.seen, &key)? {
+            let key = keys::seen_key_v2(c.tenant_id, r.id);
+            if in_blob.contains(&key) || inner.seen.contains(&key, c.tenant_id, r.id)? {
                 duplicates += 1;
                 continue;
             }
@@ -473,15 +467,6 @@ impl Spool {
             spooled,
             duplicates,
         })
-    }
-
-    fn seen_before(seen: &BTreeMap<u32, sled::Tree>, key: &[u8]) -> Result<bool, SpoolError> {
-        for tree in seen.values().rev() {
-            if tree.contains_key(key)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
     }
 
     fn merged_cursor(&self, source: &str, new: &Cursor) -> Result<Cursor, SpoolError> {
@@ -630,11 +615,7 @@ impl Spool {
     pub fn expire_seen(&self) -> Result<(), SpoolError> {
         let mut inner = self.lock();
         let oldest_kept = day_of(now_unix()).saturating_sub(self.opts.dedup_days);
-        let old: Vec<u32> = inner.seen.range(..oldest_kept).map(|(d, _)| *d).collect();
-        for day in old {
-            inner.seen.remove(&day);
-            self.db.drop_tree(keys::seen_tree_name(day))?;
-        }
+        inner.seen.expire_before(oldest_kept)?;
         Ok(())
     }
 

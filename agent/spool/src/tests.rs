@@ -302,3 +302,70 @@ proptest! {
         prop_assert_eq!((f.pending_records, f.stored_bytes), (0, 0));
     }
 }
+
+#[test]
+fn ids_seen_in_the_older_key_format_still_count_as_seen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let guid = "80c7a0f5-77b1-4f0e-9a43-0c2b2f1e6d3a";
+    {
+        // What a version with format-1 keys left: today's `seen-<day>` tree.
+        let db = sled::Config::new().path(dir.path()).open().expect("sled");
+        let t = db
+            .open_tree(keys::seen_tree_name(day_of(now_unix())))
+            .expect("tree");
+        t.insert(keys::seen_key(TENANT, "id-1"), &[])
+            .expect("insert");
+        t.insert(keys::seen_key(TENANT, guid), &[]).expect("insert");
+        // Days older than the window, in both formats: dropped whole on open.
+        let old = day_of(now_unix()) - 20;
+        for name in [keys::seen_tree_name(old), keys::seen2_tree_name(old)] {
+            db.open_tree(name)
+                .expect("tree")
+                .insert(b"k", &[])
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    let spool = reopen(dir.path());
+    assert_eq!(
+        commit(&spool, "b1", &[1, 2]),
+        CommitOutcome {
+            spooled: 1,
+            duplicates: 1
+        }
+    );
+    let bytes = record(9);
+    let recs = [RawRecord {
+        id: guid,
+        bytes: &bytes,
+    }];
+    let out = spool
+        .commit_blob(&BlobCommit {
+            tenant_id: TENANT,
+            content_type: "Audit.General",
+            content_id: "b2",
+            expires_unix: now_unix() + 86_400,
+            collected_at: "2026-11-25T10:00:00Z",
+            records: &recs,
+            cursor: None,
+        })
+        .expect("commit");
+    assert_eq!(
+        out.duplicates, 1,
+        "a GUID Id seen in format 1 is a duplicate"
+    );
+    // New Ids go to the compact format; both formats expire by day.
+    drop(spool);
+    let spool = reopen(dir.path());
+    assert_eq!(commit(&spool, "b3", &[2]).duplicates, 1);
+    let names: Vec<String> = spool
+        .db
+        .tree_names()
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("seen2-")), "{names:?}");
+    let old = day_of(now_unix()) - 20;
+    assert!(!names.contains(&keys::seen_tree_name(old)), "{names:?}");
+    assert!(!names.contains(&keys::seen2_tree_name(old)), "{names:?}");
+}
