@@ -53,8 +53,8 @@ fuzz:
 
 ## Benchmarks print figures; no test asserts a time (docs/BENCHMARKS.md). spool-bench measures the
 ## physical-limit baselines (plain-file append + fdatasync, sled, codecs, JSON) on the same disk (BENCH_DIR,
-## default target/bench-tmp) and prints every spool figure as a ratio to them; dedup-bench loads 10 million
-## record Ids (DEDUP_IDS=n); the criterion microbenchmarks time each stage briefly (BENCH_SECS each); the
+## default target/bench-tmp) and prints every spool figure as a ratio to them; dedup-bench loads a dedup window of
+## 1 million record Ids (DEDUP_IDS=n; 10 million does not fit sled, see docs/BENCHMARKS.md); the criterion microbenchmarks time each stage briefly (BENCH_SECS each); the
 ## multi-tenant run starts the release binaries (simulator, sensor, receiver); TENANTS=N changes its tenant
 ## count (default 200).
 BENCH_SECS ?= 2
