@@ -18,8 +18,11 @@
 //!   it may never lose a committed record, move a cursor backwards or reuse a batch number.
 //!
 //! # On-disk layout
-//! One sled database in `<dir>` (its data file is `<dir>/db`), plus `<dir>/LOCK` (an exclusive `flock`
-//! held while the spool is open: a second agent on the same state directory refuses to start).
+//! One sled database per generation, the one in use named by `<dir>/CURRENT` (`gen-<n>`; absent: generation
+//! 0, sled's files directly in `<dir>`, data file `<dir>/db`; generation n ≥ 1 lives in `<dir>/gen-<n>/`),
+//! plus `<dir>/LOCK` (an exclusive `flock` held while the spool is open: a second agent on the same state
+//! directory refuses to start). [`Spool::reclaim`] moves to a fresh generation after a drain, switching
+//! atomically; recovery removes every other generation (`gen.rs`).
 //! ```text
 //! main tree:
 //!   'C' seq:u64be              -> chunk: b'c' 1 records:u32be raw_len:u32be appended_ms:u64be zstd(lines)
