@@ -53,11 +53,18 @@ fuzz:
 
 include image/image.mk
 
-## Benchmarks print figures; no test asserts a time. The multi-tenant run starts the release binaries
-## (simulator, sensor, receiver); TENANTS=N changes its tenant count (default 200).
+## Benchmarks print figures; no test asserts a time (docs/BENCHMARKS.md). spool-bench measures the
+## physical-limit baselines (plain-file append + fdatasync, sled, codecs, JSON) on the same disk (BENCH_DIR,
+## default target/bench-tmp) and prints every spool figure as a ratio to them; dedup-bench loads a dedup window of
+## 1 million record Ids (DEDUP_IDS=n; 10 million does not fit sled, see docs/BENCHMARKS.md); the criterion microbenchmarks time each stage briefly (BENCH_SECS each); the
+## multi-tenant run starts the release binaries (simulator, sensor, receiver); TENANTS=N changes its tenant
+## count (default 200).
+BENCH_SECS ?= 2
 bench:
 	$(CARGO) build -q --release --workspace --bins
-	$(CARGO) run -q --release -p sensor-blackbox --bin spool-bench
+	$(CARGO) run -q --release -p sensor-bench --bin spool-bench
+	$(CARGO) run -q --release -p sensor-bench --bin dedup-bench
+	$(CARGO) bench -q -p sensor-bench --bench stages -- --warm-up-time 1 --measurement-time $(BENCH_SECS)
 	$(CARGO) run -q --release -p sensor-blackbox --bin multi-tenant-bench
 
 clean:

@@ -68,7 +68,9 @@ pub fn cursor_key(source: &str) -> Vec<u8> {
     k
 }
 
-/// Key of a record Id in a day's seen-tree: tenant id + 0x00 + record Id.
+/// Key of a record Id in a day's seen-tree of format 1 (trees `seen-<day>`, written by versions before
+/// format 2): tenant id + 0x00 + record Id, as text (~73 bytes for GUIDs). Still read until those days
+/// expire; never written any more.
 pub fn seen_key(tenant_id: &str, record_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + tenant_id.len() + record_id.len());
     k.extend_from_slice(tenant_id.as_bytes());
@@ -77,16 +79,169 @@ pub fn seen_key(tenant_id: &str, record_id: &str) -> Vec<u8> {
     k
 }
 
-/// Name of the seen-tree of day `day` (days since the Unix epoch, UTC).
+/// Tag of a format-2 seen key whose tenant and record Id are both canonical lowercase GUIDs.
+pub const SEEN_GUIDS: u8 = 1;
+/// Tag of a format-2 seen key holding the exact text (any other tenant or Id).
+pub const SEEN_TEXT: u8 = 0;
+
+/// Key of a record Id in a day's seen-tree of format 2 (trees `seen2-<day>`). WARNING: on-disk format.
+/// ```text
+/// SEEN_GUIDS tenant:16 record_id:16     when both are canonical lowercase GUIDs (33 bytes)
+/// SEEN_TEXT  tenant 0x00 record_id      otherwise, the exact text
+/// ```
+/// Exact, not a hash: only a string that prints back to exactly itself from its 16 bytes takes the
+/// binary form, so the encoding is injective and two different (tenant, Id) pairs never share a key.
+/// A dedup false positive would silently drop a record, so it must stay that way.
+///
+/// Compatibility: a version that knows only format 1 ignores `seen2-*` trees, so a downgrade can deliver
+/// a duplicate within the window but never loses a record.
+pub fn seen_key_v2(tenant_id: &str, record_id: &str) -> Vec<u8> {
+    match (guid_bytes(tenant_id), guid_bytes(record_id)) {
+        (Some(t), Some(r)) => {
+            let mut k = Vec::with_capacity(33);
+            k.push(SEEN_GUIDS);
+            k.extend_from_slice(&t);
+            k.extend_from_slice(&r);
+            k
+        }
+        _ => {
+            let mut k = Vec::with_capacity(2 + tenant_id.len() + record_id.len());
+            k.push(SEEN_TEXT);
+            k.extend_from_slice(tenant_id.as_bytes());
+            k.push(0);
+            k.extend_from_slice(record_id.as_bytes());
+            k
+        }
+    }
+}
+
+/// The 16 bytes of a canonical lowercase GUID (`8-4-4-4-12` hex digits, lowercase), else `None`.
+fn guid_bytes(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    let mut n = 0;
+    let mut hi: Option<u8> = None;
+    for (i, &c) in b.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if c != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let v = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        match hi.take() {
+            None => hi = Some(v),
+            Some(h) => {
+                out[n] = h << 4 | v;
+                n += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Name of the format-1 seen-tree of day `day` (days since the Unix epoch, UTC).
 pub fn seen_tree_name(day: u32) -> String {
     format!("seen-{day:08}")
 }
 
-/// The day of a seen-tree name.
+/// Name of the format-2 seen-tree of day `day`.
+pub fn seen2_tree_name(day: u32) -> String {
+    format!("seen2-{day:08}")
+}
+
+/// The day of a format-1 seen-tree name.
 pub fn seen_tree_day(name: &[u8]) -> Option<u32> {
     std::str::from_utf8(name)
         .ok()?
         .strip_prefix("seen-")?
         .parse()
         .ok()
+}
+
+/// The day of a format-2 seen-tree name.
+pub fn seen2_tree_day(name: &[u8]) -> Option<u32> {
+    std::str::from_utf8(name)
+        .ok()?
+        .strip_prefix("seen2-")?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_keys_are_compact_for_guids_and_injective() {
+        let t = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
+        let id = "80c7a0f5-77b1-4f0e-9a43-0c2b2f1e6d3a";
+        let k = seen_key_v2(t, id);
+        assert_eq!(k.len(), 33);
+        assert_eq!(k[0], SEEN_GUIDS);
+        // An uppercase variant is another string: it must not share the key.
+        assert_ne!(seen_key_v2(t, &id.to_uppercase()), k);
+        assert_eq!(seen_key_v2(t, &id.to_uppercase())[0], SEEN_TEXT);
+        // Near-GUIDs fall back to the exact text.
+        for bad in [
+            "80c7a0f5-77b1-4f0e-9a43-0c2b2f1e6d3",
+            "80c7a0f5x77b1-4f0e-9a43-0c2b2f1e6d3a",
+            "g0c7a0f5-77b1-4f0e-9a43-0c2b2f1e6d3a",
+            "",
+        ] {
+            assert_eq!(seen_key_v2(t, bad)[0], SEEN_TEXT, "{bad}");
+        }
+        assert_ne!(seen_key_v2(t, "ab"), seen_key_v2(&format!("{t}\0a"), "b"));
+        assert_eq!(
+            seen2_tree_day(seen2_tree_name(20_417).as_bytes()),
+            Some(20_417)
+        );
+        assert_eq!(seen_tree_day(seen2_tree_name(20_417).as_bytes()), None);
+        assert_eq!(seen2_tree_day(seen_tree_name(20_417).as_bytes()), None);
+    }
+
+    fn guid(x: u128, upper: bool) -> String {
+        let h = format!("{x:032x}");
+        let g = format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        );
+        if upper {
+            g.to_uppercase()
+        } else {
+            g
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn distinct_pairs_get_distinct_keys(
+            a in proptest::prelude::any::<u128>(),
+            b in proptest::prelude::any::<u128>(),
+            ua in proptest::prelude::any::<bool>(),
+            ub in proptest::prelude::any::<bool>(),
+            text in "[0-9a-fA-F-]{34,37}",
+        ) {
+            let t = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
+            let ids = [guid(a, ua), guid(b, ub), guid(a, !ua), text];
+            for x in &ids {
+                for y in &ids {
+                    if x != y {
+                        proptest::prop_assert_ne!(seen_key_v2(t, x), seen_key_v2(t, y));
+                    }
+                }
+            }
+        }
+    }
 }

@@ -18,8 +18,11 @@
 //!   it may never lose a committed record, move a cursor backwards or reuse a batch number.
 //!
 //! # On-disk layout
-//! One sled database in `<dir>` (its data file is `<dir>/db`), plus `<dir>/LOCK` (an exclusive `flock`
-//! held while the spool is open: a second agent on the same state directory refuses to start).
+//! One sled database per generation, the one in use named by `<dir>/CURRENT` (`gen-<n>`; absent: generation
+//! 0, sled's files directly in `<dir>`, data file `<dir>/db`; generation n ≥ 1 lives in `<dir>/gen-<n>/`),
+//! plus `<dir>/LOCK` (an exclusive `flock` held while the spool is open: a second agent on the same state
+//! directory refuses to start). [`Spool::reclaim`] moves to a fresh generation after a drain, switching
+//! atomically; recovery removes every other generation (`gen.rs`).
 //! ```text
 //! main tree:
 //!   'C' seq:u64be              -> chunk: b'c' 1 records:u32be raw_len:u32be appended_ms:u64be zstd(lines)
@@ -29,17 +32,24 @@
 //!   'Q' seq:u64be              -> QuarantineItem (JSON)
 //!   'M' name                   -> next_chunk, next_batch, next_quarantine (u64be), batch_pos (u64be u32be),
 //!                                 figures (JSON)
-//! tree "seen-<day>" per UTC day: tenant_id 0x00 record_id -> () ; whole days are dropped after dedup_days
+//! tree "seen2-<day>" per UTC day: keys::seen_key_v2(tenant_id, record_id) -> () (33 bytes for GUIDs);
+//!   whole days are dropped after dedup_days (dedup.rs)
+//! tree "seen-<day>" (format 1, older versions): tenant_id 0x00 record_id -> () ; read until it expires
 //! ```
 //! `source` is `<tenant_id>/<content_type>`. A position is (chunk seq, record index in that chunk).
 
 mod chunk;
+mod dedup;
+mod gen;
 mod keys;
 
-use std::collections::{BTreeMap, HashSet};
+pub use dedup::DedupWindow;
+pub use keys::{seen_key, seen_key_v2, seen_tree_name};
+
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -212,12 +222,40 @@ pub struct Figures {
     pub quarantined_bytes: u64,
 }
 
+/// What [`Spool::reclaim`] did. Invariant: `bytes_after` is the new generation's real disk use, taken
+/// after the switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The generation now in use.
+    pub generation: u64,
+    /// Keys copied (metadata, cursors, done-marks, quarantine, dedup Ids).
+    pub keys: u64,
+    /// Disk bytes of the old generation.
+    pub bytes_before: u64,
+    /// Disk bytes of the new one.
+    pub bytes_after: u64,
+}
+
+/// After a drain the spool reclaims space on its own when its files are at least this large and twice
+/// what the last reclaim (or open) left: often enough to give a backlog's space back, rarely enough that
+/// a spool emptied after every batch does not copy its metadata each time.
+pub const RECLAIM_MIN_BYTES: u64 = 32 << 20;
+
+/// Where a test stops a reclaim, as a crash would (production never stops one).
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReclaimStop {
+    /// The new generation is complete and durable; `CURRENT` still names the old one.
+    AfterCopy,
+    /// `CURRENT` names the new one; the old one is still on disk and in use in memory.
+    AfterSwitch,
+}
+
 /// The spool. See the module header for its contract.
 pub struct Spool {
     dir: PathBuf,
-    db: sled::Db,
-    main: sled::Tree,
-    sync_file: File,
+    /// The generation in use; replaced only under `inner`'s lock (see `gen.rs`).
+    gen: Mutex<Arc<gen::Gen>>,
     _lock: File,
     opts: SpoolOptions,
     max_bytes: std::sync::atomic::AtomicU64,
@@ -230,14 +268,31 @@ struct Inner {
     next_quarantine: u64,
     batch_pos: Pos,
     figures: Figures,
-    seen: BTreeMap<u32, sled::Tree>,
+    seen: DedupWindow,
     oldest_unbatched: Option<Instant>,
+    /// Disk bytes right after the last reclaim (0 after open): the automatic reclaim's hysteresis.
+    reclaim_floor: u64,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// Bytes a directory tree really occupies (allocated blocks, not file lengths).
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(path)
+            .map(|rd| rd.flatten().map(|e| disk_usage(&e.path())).sum())
+            .unwrap_or(0)
+    } else {
+        meta.blocks() * 512
     }
 }
 
@@ -290,17 +345,10 @@ impl Spool {
             .map_err(io_err(&lock_path))?;
         fs2::FileExt::try_lock_exclusive(&lock)
             .map_err(|_| SpoolError::Locked(dir.to_path_buf()))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(opts.cache_bytes)
-            .flush_every_ms(None)
-            .open()?;
-        let data_path = dir.join("db");
-        let sync_file = File::open(&data_path).map_err(io_err(&data_path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
-        let main = db.open_tree("main")?;
+        let n = gen::current(dir)?;
+        gen::remove_others(dir, n)?;
+        let g = gen::open(dir, n, opts.cache_bytes)?;
+        let main = g.main.clone();
         let meta = |name: &[u8]| main.get(keys::meta_key(name));
         let next_chunk = u64_value(meta(keys::meta::NEXT_CHUNK)?)?.unwrap_or(0);
         let next_batch = u64_value(meta(keys::meta::NEXT_BATCH)?)?.unwrap_or(1);
@@ -326,18 +374,11 @@ impl Spool {
             Some(v) => serde_json::from_slice(&v)
                 .map_err(|e| SpoolError::Corrupt(format!("figures: {e}")))?,
         };
-        let mut seen = BTreeMap::new();
-        for name in db.tree_names() {
-            if let Some(day) = keys::seen_tree_day(&name) {
-                seen.insert(day, db.open_tree(&name)?);
-            }
-        }
+        let seen = DedupWindow::open(&g.db)?;
         let oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
         let spool = Spool {
             dir: dir.to_path_buf(),
-            db,
-            main,
-            sync_file,
+            gen: Mutex::new(Arc::new(g)),
             _lock: lock,
             max_bytes: std::sync::atomic::AtomicU64::new(opts.max_bytes),
             opts,
@@ -349,6 +390,7 @@ impl Spool {
                 figures,
                 seen,
                 oldest_unbatched,
+                reclaim_floor: 0,
             }),
         };
         spool.expire_seen()?;
@@ -362,12 +404,21 @@ impl Spool {
         }
     }
 
+    /// The generation in use.
+    fn g(&self) -> Arc<gen::Gen> {
+        match self.gen.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
     /// The durability point: sled's flush, then a real fdatasync of its data file.
     fn make_durable(&self, what: &str) -> Result<(), SpoolError> {
-        self.db.flush()?;
-        self.sync_file
+        let g = self.g();
+        g.db.flush()?;
+        g.sync_file
             .sync_data()
-            .map_err(io_err(&self.dir.join("db")))?;
+            .map_err(io_err(&g.path.join("db")))?;
         log::trace!(target: "durability", "durable: {what}");
         Ok(())
     }
@@ -377,14 +428,7 @@ impl Spool {
     pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
         let mut inner = self.lock();
         let today = day_of(now_unix());
-        let today_tree = match inner.seen.get(&today) {
-            Some(t) => t.clone(),
-            None => {
-                let t = self.db.open_tree(keys::seen_tree_name(today))?;
-                inner.seen.insert(today, t.clone());
-                t
-            }
-        };
+        let today_tree = inner.seen.day_tree(today)?;
         let mut new_ids: Vec<Vec<u8>> = Vec::new();
         let mut in_blob: HashSet<Vec<u8>> = HashSet::new();
         let mut duplicates = 0u64;
@@ -395,8 +439,8 @@ impl Spool {
         let mut raw_total = 0u64;
         let mut next_chunk = inner.next_chunk;
         for r in c.records {
-            let key = keys::seen_key(c.tenant_id, r.id);
-            if in_blob.contains(&key) || Self::seen_before(&inner.seen, &key)? {
+            let key = keys::seen_key_v2(c.tenant_id, r.id);
+            if in_blob.contains(&key) || inner.seen.contains(&key, c.tenant_id, r.id)? {
                 duplicates += 1;
                 continue;
             }
@@ -441,7 +485,7 @@ impl Spool {
         let done_key = keys::done_key(&source, c.content_id);
         let cursor_key = keys::cursor_key(&source);
         let result: Result<(), TransactionError<()>> =
-            (&self.main, &today_tree).transaction(|(m, s)| {
+            (&self.g().main, &today_tree).transaction(|(m, s)| {
                 for (seq, v) in &chunks {
                     m.insert(&keys::seq_key(keys::CHUNK, *seq), v.as_slice())?;
                 }
@@ -475,15 +519,6 @@ impl Spool {
         })
     }
 
-    fn seen_before(seen: &BTreeMap<u32, sled::Tree>, key: &[u8]) -> Result<bool, SpoolError> {
-        for tree in seen.values().rev() {
-            if tree.contains_key(key)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     fn merged_cursor(&self, source: &str, new: &Cursor) -> Result<Cursor, SpoolError> {
         let mut merged = new.clone();
         if let Some(old) = self.cursor_by_source(source)? {
@@ -501,7 +536,7 @@ impl Spool {
     }
 
     fn cursor_by_source(&self, source: &str) -> Result<Option<Cursor>, SpoolError> {
-        match self.main.get(keys::cursor_key(source))? {
+        match self.g().main.get(keys::cursor_key(source))? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
@@ -528,7 +563,9 @@ impl Spool {
         let _inner = self.lock();
         let source = format!("{tenant_id}/{content_type}");
         let merged = self.merged_cursor(&source, cursor)?;
-        self.main.insert(keys::cursor_key(&source), json(&merged))?;
+        self.g()
+            .main
+            .insert(keys::cursor_key(&source), json(&merged))?;
         self.make_durable(&format!("cursor {source}"))
     }
 
@@ -549,7 +586,9 @@ impl Spool {
         }
         log::info!(target: "spool", "cursor of {source} rewound from {} to {to} (resync)", cursor.listed_until);
         cursor.listed_until = to;
-        self.main.insert(keys::cursor_key(&source), json(&cursor))?;
+        self.g()
+            .main
+            .insert(keys::cursor_key(&source), json(&cursor))?;
         self.make_durable(&format!("cursor {source} rewound"))
     }
 
@@ -560,7 +599,7 @@ impl Spool {
         content_type: &str,
         content_id: &str,
     ) -> Result<bool, SpoolError> {
-        Ok(self.main.contains_key(keys::done_key(
+        Ok(self.g().main.contains_key(keys::done_key(
             &format!("{tenant_id}/{content_type}"),
             content_id,
         ))?)
@@ -598,7 +637,7 @@ impl Spool {
             );
             batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
         }
-        self.main.apply_batch(batch)?;
+        self.g().main.apply_batch(batch)?;
         self.make_durable(&format!("done {source} {content_id}"))?;
         inner.figures = figures;
         inner.next_quarantine = next_q;
@@ -610,7 +649,7 @@ impl Spool {
         let _inner = self.lock();
         let limit = now_unix() - 86_400;
         let mut removed = 0;
-        for kv in self.main.scan_prefix([keys::DONE]) {
+        for kv in self.g().main.scan_prefix([keys::DONE]) {
             let (k, v) = kv?;
             let expires = v
                 .get(..8)
@@ -618,7 +657,7 @@ impl Spool {
                 .map(i64::from_be_bytes)
                 .unwrap_or(0);
             if expires < limit {
-                self.main.remove(k)?;
+                self.g().main.remove(k)?;
                 removed += 1;
             }
         }
@@ -630,11 +669,7 @@ impl Spool {
     pub fn expire_seen(&self) -> Result<(), SpoolError> {
         let mut inner = self.lock();
         let oldest_kept = day_of(now_unix()).saturating_sub(self.opts.dedup_days);
-        let old: Vec<u32> = inner.seen.range(..oldest_kept).map(|(d, _)| *d).collect();
-        for day in old {
-            inner.seen.remove(&day);
-            self.db.drop_tree(keys::seen_tree_name(day))?;
-        }
+        inner.seen.expire_before(oldest_kept)?;
         Ok(())
     }
 
@@ -643,9 +678,10 @@ impl Spool {
         self.lock().figures.clone()
     }
 
-    /// Bytes sled uses on disk.
+    /// Bytes the spool's database really occupies on disk (allocated blocks of every file of the
+    /// generation in use; sled's files never shrink, see [`Spool::reclaim`]).
     pub fn disk_bytes(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        disk_usage(&self.g().path)
     }
 
     /// The configured cap.
@@ -675,7 +711,7 @@ impl Spool {
     /// Batches cut and not yet acknowledged, in sequence order (resent first after a restart).
     pub fn pending_batches(&self) -> Result<Vec<BatchDesc>, SpoolError> {
         let mut out = Vec::new();
-        for kv in self.main.scan_prefix([keys::BATCH]) {
+        for kv in self.g().main.scan_prefix([keys::BATCH]) {
             let (_, v) = kv?;
             out.push(
                 serde_json::from_slice(&v)
@@ -699,7 +735,7 @@ impl Spool {
         let mut first_taken = start;
         let from = keys::seq_key(keys::CHUNK, start.chunk);
         let to = keys::seq_key(keys::CHUNK, end.map(|e| e.chunk).unwrap_or(u64::MAX));
-        'chunks: for kv in self.main.range(from..=to) {
+        'chunks: for kv in self.g().main.range(from..=to) {
             let (k, v) = kv?;
             let seq = keys::seq_of(&k).ok_or_else(|| SpoolError::Corrupt("chunk key".into()))?;
             let (h, lines) = chunk::decode(&v)?;
@@ -811,7 +847,7 @@ impl Spool {
             pos_bytes(end).to_vec(),
         );
         batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
-        self.main.apply_batch(batch)?;
+        self.g().main.apply_batch(batch)?;
         self.make_durable(&format!("batch {}", desc.seq))?;
         inner.next_batch = desc.seq + 1;
         inner.batch_pos = end;
@@ -833,15 +869,24 @@ impl Spool {
         batch.remove(keys::seq_key(keys::BATCH, seq).to_vec());
         self.free_chunks(&inner, seq, &mut batch, &mut figures)?;
         batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
-        self.main.apply_batch(batch)?;
+        self.g().main.apply_batch(batch)?;
         // A lost deletion only causes a resend, answered 409: sled's flush suffices here.
-        self.db.flush()?;
+        self.g().db.flush()?;
         inner.figures = figures;
+        if inner.figures.pending_records == 0 {
+            let disk = self.disk_bytes();
+            if disk >= RECLAIM_MIN_BYTES && disk >= inner.reclaim_floor.saturating_mul(2) {
+                // The ack itself is done: a failed reclaim leaves the old generation in use.
+                if let Err(e) = self.reclaim_locked(&mut inner, None) {
+                    log::warn!(target: "spool", "reclaiming disk space after the drain failed: {e}");
+                }
+            }
+        }
         Ok(())
     }
 
     fn batch(&self, seq: u64) -> Result<Option<BatchDesc>, SpoolError> {
-        match self.main.get(keys::seq_key(keys::BATCH, seq))? {
+        match self.g().main.get(keys::seq_key(keys::BATCH, seq))? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
@@ -858,7 +903,7 @@ impl Spool {
         figures: &mut Figures,
     ) -> Result<(), SpoolError> {
         let pos = inner.batch_pos;
-        let consumed = match self.main.get(keys::seq_key(keys::CHUNK, pos.chunk))? {
+        let consumed = match self.g().main.get(keys::seq_key(keys::CHUNK, pos.chunk))? {
             Some(v) => chunk::header(&v)?.records <= pos.record,
             None => false,
         };
@@ -869,6 +914,7 @@ impl Spool {
             }
         }
         for kv in self
+            .g()
             .main
             .range(keys::seq_key(keys::CHUNK, 0)..keys::seq_key(keys::CHUNK, bound))
         {
@@ -914,7 +960,7 @@ impl Spool {
             keys::meta_key(keys::meta::NEXT_BATCH),
             (b.seq + 1).to_be_bytes().to_vec(),
         );
-        self.main.apply_batch(batch)?;
+        self.g().main.apply_batch(batch)?;
         self.make_durable(&format!("split batch {seq} into {} and {}", a.seq, b.seq))?;
         inner.next_batch = b.seq + 1;
         Ok(Some((a, b)))
@@ -952,7 +998,7 @@ impl Spool {
         );
         self.free_chunks(&inner, seq, &mut batch, &mut figures)?;
         batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
-        self.main.apply_batch(batch)?;
+        self.g().main.apply_batch(batch)?;
         self.make_durable(&format!("quarantine batch {seq}"))?;
         inner.next_quarantine += 1;
         inner.figures = figures;
@@ -962,7 +1008,7 @@ impl Spool {
     /// The quarantined items.
     pub fn quarantine(&self) -> Result<Vec<QuarantineItem>, SpoolError> {
         let mut out = Vec::new();
-        for kv in self.main.scan_prefix([keys::QUARANTINE]) {
+        for kv in self.g().main.scan_prefix([keys::QUARANTINE]) {
             let (_, v) = kv?;
             out.push(
                 serde_json::from_slice(&v)
@@ -970,6 +1016,71 @@ impl Spool {
             );
         }
         Ok(out)
+    }
+
+    /// Gives disk space back after a drain (sled never shrinks its files): when no record is pending,
+    /// copies what is left (metadata, cursors, done-marks, quarantine, the dedup window) into a fresh
+    /// generation and switches to it atomically (`gen.rs`), then deletes the old one. Returns `None`, and
+    /// changes nothing, while records are pending. Holds the spool's lock throughout, so no commit, cut or
+    /// ack falls between the copy and the switch; every durability invariant of the module header holds
+    /// across a crash at any point (the old or the new generation is in use, each complete).
+    /// [`Spool::ack_batch`] calls it when a drain leaves large files (see [`RECLAIM_MIN_BYTES`]).
+    pub fn reclaim(&self) -> Result<Option<Reclaimed>, SpoolError> {
+        let mut inner = self.lock();
+        self.reclaim_locked(&mut inner, None)
+    }
+
+    #[cfg(test)]
+    fn reclaim_stopping_at(&self, stop: ReclaimStop) -> Result<Option<Reclaimed>, SpoolError> {
+        let mut inner = self.lock();
+        self.reclaim_locked(&mut inner, Some(stop))
+    }
+
+    fn reclaim_locked(
+        &self,
+        inner: &mut Inner,
+        stop: Option<ReclaimStop>,
+    ) -> Result<Option<Reclaimed>, SpoolError> {
+        let old = self.g();
+        if inner.figures.pending_records > 0
+            || old.main.scan_prefix([keys::CHUNK]).next().is_some()
+            || old.main.scan_prefix([keys::BATCH]).next().is_some()
+        {
+            return Ok(None);
+        }
+        let bytes_before = disk_usage(&old.path);
+        let n = old.n + 1;
+        let path = gen::gen_path(&self.dir, n);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        }
+        let new = gen::open(&self.dir, n, self.opts.cache_bytes)?;
+        let keys = gen::copy_all(&old, &new)?;
+        if stop == Some(ReclaimStop::AfterCopy) {
+            return Ok(None);
+        }
+        gen::set_current(&self.dir, n)?;
+        if stop == Some(ReclaimStop::AfterSwitch) {
+            return Ok(None);
+        }
+        let seen = DedupWindow::open(&new.db)?;
+        let new = Arc::new(new);
+        match self.gen.lock() {
+            Ok(mut g) => *g = new.clone(),
+            Err(p) => *p.into_inner() = new.clone(),
+        }
+        inner.seen = seen;
+        drop(old);
+        gen::remove_others(&self.dir, n)?;
+        let bytes_after = disk_usage(&new.path);
+        inner.reclaim_floor = bytes_after;
+        log::info!(target: "spool", "reclaimed disk space after a drain: generation {n}, {keys} keys copied, {bytes_before} -> {bytes_after} bytes");
+        Ok(Some(Reclaimed {
+            generation: n,
+            keys,
+            bytes_before,
+            bytes_after,
+        }))
     }
 
     /// Flushes and fsyncs everything (shutdown).

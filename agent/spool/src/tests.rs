@@ -158,6 +158,8 @@ enum Op {
     Split(usize),
     Quarantine(usize),
     Reopen,
+    /// Reclaim (a no-op unless drained), or a crash at one of its points followed by a reopen.
+    Reclaim(Option<ReclaimStop>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -168,6 +170,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..4).prop_map(Op::Split),
         1 => (0usize..4).prop_map(Op::Quarantine),
         1 => Just(Op::Reopen),
+        1 => prop_oneof![
+            Just(None),
+            Just(Some(ReclaimStop::AfterCopy)),
+            Just(Some(ReclaimStop::AfterSwitch)),
+        ]
+        .prop_map(Op::Reclaim),
     ]
 }
 
@@ -269,6 +277,15 @@ proptest! {
                     drop(spool);
                     spool = reopen(dir.path());
                 }
+                Op::Reclaim(None) => {
+                    let drained = m.unbatched.is_empty() && m.batches.is_empty();
+                    prop_assert_eq!(spool.reclaim().expect("reclaim").is_some(), drained);
+                }
+                Op::Reclaim(Some(stop)) => {
+                    spool.reclaim_stopping_at(stop).expect("reclaim");
+                    drop(spool);
+                    spool = reopen(dir.path());
+                }
             }
             // Every outstanding batch reads back exactly as cut, in order.
             let pending = spool.pending_batches().expect("pending");
@@ -300,5 +317,220 @@ proptest! {
         prop_assert_eq!(n, m.seen.len(), "no record lost");
         let f = spool.figures();
         prop_assert_eq!((f.pending_records, f.stored_bytes), (0, 0));
+    }
+}
+
+#[test]
+fn ids_seen_in_the_older_key_format_still_count_as_seen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let guid = "80c7a0f5-77b1-4f0e-9a43-0c2b2f1e6d3a";
+    {
+        // What a version with format-1 keys left: today's `seen-<day>` tree.
+        let db = sled::Config::new().path(dir.path()).open().expect("sled");
+        let t = db
+            .open_tree(keys::seen_tree_name(day_of(now_unix())))
+            .expect("tree");
+        t.insert(keys::seen_key(TENANT, "id-1"), &[])
+            .expect("insert");
+        t.insert(keys::seen_key(TENANT, guid), &[]).expect("insert");
+        // Days older than the window, in both formats: dropped whole on open.
+        let old = day_of(now_unix()) - 20;
+        for name in [keys::seen_tree_name(old), keys::seen2_tree_name(old)] {
+            db.open_tree(name)
+                .expect("tree")
+                .insert(b"k", &[])
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    let spool = reopen(dir.path());
+    assert_eq!(
+        commit(&spool, "b1", &[1, 2]),
+        CommitOutcome {
+            spooled: 1,
+            duplicates: 1
+        }
+    );
+    let bytes = record(9);
+    let recs = [RawRecord {
+        id: guid,
+        bytes: &bytes,
+    }];
+    let out = spool
+        .commit_blob(&BlobCommit {
+            tenant_id: TENANT,
+            content_type: "Audit.General",
+            content_id: "b2",
+            expires_unix: now_unix() + 86_400,
+            collected_at: "2026-11-25T10:00:00Z",
+            records: &recs,
+            cursor: None,
+        })
+        .expect("commit");
+    assert_eq!(
+        out.duplicates, 1,
+        "a GUID Id seen in format 1 is a duplicate"
+    );
+    // New Ids go to the compact format; both formats expire by day.
+    drop(spool);
+    let spool = reopen(dir.path());
+    assert_eq!(commit(&spool, "b3", &[2]).duplicates, 1);
+    let names: Vec<String> = spool
+        .g()
+        .db
+        .tree_names()
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("seen2-")), "{names:?}");
+    let old = day_of(now_unix()) - 20;
+    assert!(!names.contains(&keys::seen_tree_name(old)), "{names:?}");
+    assert!(!names.contains(&keys::seen2_tree_name(old)), "{names:?}");
+}
+
+/// What must survive a reclaim: cursor, done-marks, figures, pending batches, quarantine, the next
+/// batch number (seen through the next cut) and the dedup window (seen through the next commit).
+fn durable_state(spool: &Spool) -> (Option<Cursor>, bool, Figures, Vec<BatchDesc>, usize) {
+    (
+        spool.cursor(TENANT, "Audit.General").expect("cursor"),
+        spool.is_done(TENANT, "Audit.General", "b1").expect("done"),
+        spool.figures(),
+        spool.pending_batches().expect("batches"),
+        spool.quarantine().expect("quarantine").len(),
+    )
+}
+
+/// A spool with a cursor, a quarantined blob, dedup Ids and a drained FIFO whose last batch was 2.
+fn drained_spool(dir: &std::path::Path) -> Spool {
+    let spool = Spool::open(dir, opts()).expect("open");
+    assert_eq!(
+        commit(&spool, "b1", &(0..600).collect::<Vec<_>>()).spooled,
+        600
+    );
+    spool
+        .set_cursor(
+            TENANT,
+            "Audit.General",
+            &Cursor {
+                listed_until: 1_764_000_000,
+                first_content_seen: true,
+                ..Cursor::default()
+            },
+        )
+        .expect("cursor");
+    spool
+        .mark_done(
+            TENANT,
+            "Audit.General",
+            "bad",
+            now_unix() + 86_400,
+            DoneKind::Quarantined,
+            Some(QuarantineItem {
+                reason: "test".into(),
+                origin: "bad".into(),
+                at: now_unix(),
+                records: 0,
+                payload: "x".into(),
+            }),
+        )
+        .expect("quarantine");
+    assert_eq!(
+        spool.reclaim().expect("reclaim"),
+        None,
+        "records are pending"
+    );
+    while let Some((d, _)) = spool.cut_batch(&limits(500), true).expect("cut") {
+        assert_eq!(
+            spool.reclaim().expect("reclaim"),
+            None,
+            "a batch is pending"
+        );
+        spool.ack_batch(d.seq).expect("ack");
+    }
+    spool
+}
+
+fn check_after_reclaim(
+    spool: &Spool,
+    before: &(Option<Cursor>, bool, Figures, Vec<BatchDesc>, usize),
+) {
+    assert_eq!(&durable_state(spool), before);
+    assert_eq!(
+        commit(spool, "b2", &[5, 700]).duplicates,
+        1,
+        "dedup survived"
+    );
+    let (d, body) = spool
+        .cut_batch(&limits(500), true)
+        .expect("cut")
+        .expect("a batch");
+    assert_eq!(d.seq, 3, "batch numbers are never reused");
+    assert_eq!(ids_of(&body), vec!["id-700".to_string()]);
+    spool.ack_batch(d.seq).expect("ack");
+}
+
+fn generations_on_disk(dir: &std::path::Path) -> (bool, Vec<String>) {
+    let root_db = dir.join("db").exists();
+    let mut gens: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    gens.sort();
+    (root_db, gens)
+}
+
+#[test]
+fn reclaim_switches_to_a_fresh_generation_and_keeps_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = drained_spool(dir.path());
+    let before = durable_state(&spool);
+    let r = spool.reclaim().expect("reclaim").expect("drained");
+    assert_eq!(r.generation, 1);
+    assert!(r.keys > 0);
+    assert_eq!(
+        generations_on_disk(dir.path()),
+        (false, vec!["gen-1".to_string()])
+    );
+    check_after_reclaim(&spool, &before);
+    // And again, from generation 1 to 2, across a reopen.
+    drop(spool);
+    let spool = reopen(dir.path());
+    let before = durable_state(&spool);
+    assert_eq!(
+        spool.reclaim().expect("reclaim").map(|r| r.generation),
+        Some(2)
+    );
+    drop(spool);
+    let spool = reopen(dir.path());
+    assert_eq!(
+        generations_on_disk(dir.path()),
+        (false, vec!["gen-2".to_string()])
+    );
+    assert_eq!(durable_state(&spool), before);
+    assert_eq!(commit(&spool, "b3", &[1, 700, 701]).spooled, 1);
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_reclaim_loses_nothing() {
+    for (stop, root_db, gens) in [
+        (ReclaimStop::AfterCopy, true, Vec::<String>::new()),
+        (ReclaimStop::AfterSwitch, false, vec!["gen-1".to_string()]),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = drained_spool(dir.path());
+        let before = durable_state(&spool);
+        assert_eq!(spool.reclaim_stopping_at(stop).expect("reclaim"), None);
+        drop(spool); // the crash: nothing after the stop point ran
+        let spool = reopen(dir.path());
+        assert_eq!(
+            generations_on_disk(dir.path()),
+            (root_db, gens.clone()),
+            "{stop:?}: exactly one generation is left"
+        );
+        check_after_reclaim(&spool, &before);
+        // The next reclaim works from there.
+        assert!(spool.reclaim().expect("reclaim").is_some(), "{stop:?}");
     }
 }

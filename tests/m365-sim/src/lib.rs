@@ -23,6 +23,7 @@
 pub mod api;
 mod content;
 pub mod entra;
+pub mod sample;
 pub mod scenario;
 mod server;
 mod state;

@@ -1,0 +1,184 @@
+//! Per-stage microbenchmarks (criterion), so a regression shows in the stage that caused it: blob
+//! parsing with Id extraction (collector), dedup lookup (spool), spool append / read / delete, and batch
+//! compression (relay). `make bench` runs them with short measurement times. Prints; asserts nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use sensor_bench::{as_blob, bench_dir, sample_records, SampleRecord};
+use sensor_core::config::Compression;
+use sensor_spool::{
+    seen_key_v2, BatchLimits, BlobCommit, DedupWindow, RawRecord, Spool, SpoolOptions,
+};
+
+const TENANT: &str = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
+
+fn ndjson(recs: &[SampleRecord]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for r in recs {
+        v.extend_from_slice(r.json.as_bytes());
+        v.push(b'\n');
+    }
+    v
+}
+
+fn parse(c: &mut Criterion) {
+    let recs = sample_records(1_000, 2);
+    let blob = as_blob(&recs);
+    let mut g = c.benchmark_group("collector");
+    g.throughput(Throughput::Bytes(blob.len() as u64));
+    g.bench_function("parse_blob 1000 records (Id extraction)", |b| {
+        b.iter(|| m365_collector::blob::parse_blob(&blob).map(|v| v.len()))
+    });
+    g.bench_function("serde_json Value, same blob (reference)", |b| {
+        b.iter(|| serde_json::from_slice::<serde_json::Value>(&blob).is_ok())
+    });
+    g.finish();
+}
+
+fn dedup(c: &mut Criterion) {
+    let Ok(root) = bench_dir() else { return };
+    let Ok(dir) = tempfile::tempdir_in(root) else {
+        return;
+    };
+    let Ok(db) = sled::Config::new()
+        .path(dir.path().join("dedup"))
+        .cache_capacity(8 << 20)
+        .flush_every_ms(None)
+        .open()
+    else {
+        return;
+    };
+    let Ok(mut w) = DedupWindow::open(&db) else {
+        return;
+    };
+    let recs = sample_records(90_000, 3);
+    for (d, day) in recs.chunks(10_000).enumerate() {
+        let keys: Vec<Vec<u8>> = day.iter().map(|r| seen_key_v2(TENANT, &r.id)).collect();
+        if w.insert_batch(20_000 + d as u32, keys.iter().map(Vec::as_slice))
+            .is_err()
+        {
+            return;
+        }
+    }
+    let misses = sample_records(1_000, 4);
+    let mut g = c.benchmark_group("dedup (9 days x 10,000 Ids)");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("lookup hit", |b| {
+        b.iter(|| {
+            i = (i + 7_919) % recs.len();
+            w.contains(&seen_key_v2(TENANT, &recs[i].id), TENANT, &recs[i].id)
+                .ok()
+        })
+    });
+    g.bench_function("lookup miss", |b| {
+        b.iter(|| {
+            i = (i + 1) % misses.len();
+            w.contains(&seen_key_v2(TENANT, &misses[i].id), TENANT, &misses[i].id)
+                .ok()
+        })
+    });
+    g.finish();
+}
+
+fn spool(c: &mut Criterion) {
+    let Ok(root) = bench_dir() else { return };
+    let Ok(dir) = tempfile::tempdir_in(root) else {
+        return;
+    };
+    let Ok(spool) = Spool::open(
+        &dir.path().join("spool"),
+        SpoolOptions {
+            max_bytes: 1 << 40,
+            cache_bytes: 8 << 20,
+            dedup_days: 9,
+        },
+    ) else {
+        return;
+    };
+    let recs = sample_records(100, 5);
+    let n = AtomicU64::new(0);
+    let commit = |per: usize| {
+        let k = n.fetch_add(1, Ordering::Relaxed);
+        let ids: Vec<String> = recs[..per]
+            .iter()
+            .map(|r| format!("{}-{k}", r.id))
+            .collect();
+        let raw: Vec<RawRecord<'_>> = recs[..per]
+            .iter()
+            .zip(&ids)
+            .map(|(r, id)| RawRecord {
+                id,
+                bytes: r.json.as_bytes(),
+            })
+            .collect();
+        spool
+            .commit_blob(&BlobCommit {
+                tenant_id: TENANT,
+                content_type: "Audit.Exchange",
+                content_id: &format!("blob-{k}"),
+                expires_unix: i64::MAX / 2,
+                collected_at: "2026-11-25T10:00:00Z",
+                records: &raw,
+                cursor: None,
+            })
+            .map(|o| o.spooled)
+    };
+    let limits = BatchLimits {
+        max_records: 100,
+        max_raw_bytes: 8 << 20,
+        linger: std::time::Duration::ZERO,
+    };
+    let mut g = c.benchmark_group("spool");
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("append: commit_blob of 100 records (durable)", |b| {
+        b.iter(|| commit(100))
+    });
+    // Drain what the append bench left, then keep one batch to read.
+    while let Ok(Some((d, _))) = spool.cut_batch(&limits, true) {
+        if spool.ack_batch(d.seq).is_err() {
+            return;
+        }
+    }
+    if commit(100).is_err() {
+        return;
+    }
+    let Ok(Some((desc, _))) = spool.cut_batch(&limits, true) else {
+        return;
+    };
+    g.bench_function("read: read_batch of 100 records", |b| {
+        b.iter(|| spool.read_batch(&desc).map(|v| v.len()))
+    });
+    g.bench_function("delete: ack_batch of 100 records", |b| {
+        b.iter_batched(
+            || {
+                let _ = commit(100);
+                spool.cut_batch(&limits, true).ok().flatten()
+            },
+            |cut| cut.map(|(d, _)| spool.ack_batch(d.seq)),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+fn compression(c: &mut Criterion) {
+    let recs = sample_records(700, 6);
+    let body = ndjson(&recs);
+    let mut g = c.benchmark_group("relay compression (one batch of ~1 MiB)");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("zstd-3", |b| {
+        b.iter(|| sensor_relay::compress(Compression::Zstd, &body).map(|v| v.len()))
+    });
+    g.bench_function("gzip-6", |b| {
+        b.iter(|| sensor_relay::compress(Compression::Gzip, &body).map(|v| v.len()))
+    });
+    g.bench_function("zstd-1 (the spool's chunk level)", |b| {
+        b.iter(|| zstd::bulk::compress(&body, 1).map(|v| v.len()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, parse, dedup, spool, compression);
+criterion_main!(benches);

@@ -1,0 +1,181 @@
+//! `make bench`: the physical-limit baselines, then the spool's write path, read path, dedup and disk use
+//! on the same disk and cores, each figure printed as a ratio to its baseline with its goal. Prints;
+//! asserts nothing. `RECORDS=n` changes the record count (default 100,000).
+
+use std::time::Instant;
+
+use sensor_bench::baselines::{self, Baselines};
+use sensor_bench::{bench_dir, disk_usage, per_sec, print_vs, sample_records, SampleRecord};
+use sensor_core::config::Compression;
+use sensor_spool::{BatchLimits, BlobCommit, RawRecord, Spool, SpoolOptions};
+
+const TENANT: &str = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
+
+fn options() -> SpoolOptions {
+    SpoolOptions {
+        max_bytes: 1 << 40,
+        cache_bytes: 8 << 20,
+        dedup_days: 9,
+    }
+}
+
+/// Commits `recs` in blobs of `per_blob`; returns records/s.
+fn commit_all(
+    spool: &Spool,
+    recs: &[SampleRecord],
+    per_blob: usize,
+    tag: &str,
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    for (n, blob) in recs.chunks(per_blob).enumerate() {
+        let raw: Vec<RawRecord<'_>> = blob
+            .iter()
+            .map(|r| RawRecord {
+                id: &r.id,
+                bytes: r.json.as_bytes(),
+            })
+            .collect();
+        spool.commit_blob(&BlobCommit {
+            tenant_id: TENANT,
+            content_type: "Audit.Exchange",
+            content_id: &format!("{tag}-{n}"),
+            expires_unix: i64::MAX / 2,
+            collected_at: "2026-11-25T10:00:00Z",
+            records: &raw,
+            cursor: None,
+        })?;
+    }
+    Ok(per_sec(recs.len(), t.elapsed().as_secs_f64()))
+}
+
+/// Cuts, compresses (zstd-3) and acknowledges every batch; returns (records/s, records, wire bytes,
+/// raw bytes).
+fn drain(spool: &Spool) -> anyhow::Result<(f64, usize, usize, usize)> {
+    let limits = BatchLimits {
+        max_records: 5_000,
+        max_raw_bytes: 8 << 20,
+        linger: std::time::Duration::ZERO,
+    };
+    let t = Instant::now();
+    let (mut n, mut wire, mut raw) = (0usize, 0usize, 0usize);
+    while let Some((desc, body)) = spool.cut_batch(&limits, true)? {
+        wire += sensor_relay::compress(Compression::Zstd, &body)?.len();
+        raw += body.len();
+        n += desc.records as usize;
+        spool.ack_batch(desc.seq)?;
+    }
+    Ok((per_sec(n, t.elapsed().as_secs_f64()), n, wire, raw))
+}
+
+fn main() -> anyhow::Result<()> {
+    let count: usize = std::env::var("RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let root = bench_dir()?;
+    let dir = tempfile::tempdir_in(&root)?;
+    println!(
+        "spool-bench in {} ({count} simulator records)",
+        dir.path().display()
+    );
+    let recs = sample_records(count, 1);
+    let raw_bytes: usize = recs.iter().map(|r| r.json.len()).sum();
+
+    let b: Baselines = baselines::measure(dir.path(), &recs)?;
+    b.print();
+
+    println!("spool (commit = one sled transaction + flush + fdatasync per blob; zstd-1 chunks of <= 512 records)");
+    let path = dir.path().join("spool");
+    let spool = Spool::open(&path, options())?;
+    let w1000 = commit_all(&spool, &recs, 1_000, "a")?;
+    print_vs(
+        "commit_blob, 1,000 records per blob",
+        w1000,
+        "records/s",
+        b.append_sync_1000,
+        "goal >= 0.50",
+    );
+    let live = spool.figures().stored_bytes;
+    let disk_loaded = disk_usage(&path);
+    let again = commit_all(&spool, &recs, 1_000, "dup")?;
+    print_vs(
+        "commit_blob, all duplicates (dedup lookups)",
+        again,
+        "records/s",
+        b.append_sync_1000,
+        "(no goal)",
+    );
+    println!(
+        "  {:<44} {:>11.3} stored (zstd) bytes per raw byte",
+        "live data",
+        live as f64 / raw_bytes as f64
+    );
+    println!(
+        "  {:<44} {:>11.2} x live data ({} bytes on disk; {} bytes logical per sled)",
+        "disk use, loaded",
+        disk_loaded as f64 / live.max(1) as f64,
+        disk_loaded,
+        spool.disk_bytes()
+    );
+    let (r, n, wire, body) = drain(&spool)?;
+    print_vs(
+        "cut_batch + zstd-3 + ack_batch (5,000/batch)",
+        r,
+        "records/s",
+        b.sled_per_record_out,
+        "(sled key-per-record out)",
+    );
+    println!(
+        "  {:<44} {:>11.0} bytes/record  (ratio {:.2}; {n} records)",
+        "on the wire, zstd-3",
+        wire as f64 / n.max(1) as f64,
+        body as f64 / wire.max(1) as f64
+    );
+    let after = spool.figures();
+    let disk_drained = disk_usage(&path);
+    println!(
+        "  {:<44} {:>11.2} x the live data before it ({} bytes on disk, {} stored bytes left)   goal: < 2 x live data",
+        "disk use after the drain",
+        disk_drained as f64 / live.max(1) as f64,
+        disk_drained,
+        after.stored_bytes
+    );
+    drop(spool);
+    let t = Instant::now();
+    let spool = Spool::open(&path, options())?;
+    println!(
+        "  {:<44} {:>11.2} s, then {} bytes on disk",
+        "reopen after the drain",
+        t.elapsed().as_secs_f64(),
+        disk_usage(&path)
+    );
+    drop(spool);
+    std::fs::remove_dir_all(&path)?;
+
+    let path = dir.path().join("spool-small");
+    let spool = Spool::open(&path, options())?;
+    let w100 = commit_all(&spool, &recs[..recs.len().min(20_000)], 100, "s")?;
+    print_vs(
+        "commit_blob, 100 records per blob",
+        w100,
+        "records/s",
+        b.append_sync_100,
+        "goal >= 0.50",
+    );
+    let w10 = commit_all(
+        &spool,
+        &recs[recs.len().min(20_000)..recs.len().min(25_000)],
+        10,
+        "t",
+    )?;
+    print_vs(
+        "commit_blob, 10 records per blob",
+        w10,
+        "records/s",
+        b.append_sync_100,
+        "(vs per-100 baseline)",
+    );
+    drop(spool);
+
+    Ok(())
+}
