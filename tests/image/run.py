@@ -223,6 +223,10 @@ def scenario_seed_boot(a, raw, workdir):
     disk = fresh_disk(raw, workdir)
     seed(disk, workdir)
     check("seed: provision/seed wrote the seed into the data partition", True)
+    # The disk is 1 GiB larger than the image, as a flashed SSD or a resized VM disk is: the data partition
+    # must grow into it at the first boot (systemd-repart, then x-systemd.growfs).
+    _, data_size = partition(disk, "data")
+    os.truncate(disk, os.path.getsize(disk) + (1 << 30))
     b = Boot(a.arch, disk, workdir, a.timeout)
     try:
         t_report = b.wait_for(r"M365-REPORT-END")
@@ -242,6 +246,9 @@ def scenario_seed_boot(a, raw, workdir):
         check("seed-boot: the seed's configuration was applied (sensor.toml root:m365-sensor 640)",
               rep.get("config") == "root:m365-sensor:640", rep.get("config"))
         check("seed-boot: the seed was consumed (deleted)", rep.get("seed_left") == "no")
+        var_size = int(rep.get("var_size_bytes") or 0)
+        check("seed-boot: /var grew into the disk's extra GiB at the first boot (systemd-repart + growfs)",
+              var_size > data_size + (1 << 29), f"/var {var_size} bytes, partition in the image {data_size} bytes")
         check("seed-boot: the seed's NTP servers are in force", rep.get("ntp_servers") == "127.0.0.1", rep.get("ntp_servers"))
         check("seed-boot: the enrolment ran with the seeded token (backend unreachable: it failed and keeps the token)",
               rep.get("enroll", "").startswith(("failed/", "activating/")) and "token_left=yes" in rep.get("enroll", ""),
@@ -655,6 +662,8 @@ def scenario_update(a, raw, workdir):
         check("update: slot B runs the new image with the agent active", rep.get("slot") == "B" and
               rep.get("image") == version and rep.get("agent_active") == "active",
               f"slot={rep.get('slot')} image={rep.get('image')} agent={rep.get('agent_active')}")
+        check("update: the enrolment token was wiped once the device was enrolled",
+              "token_left=no" in rep.get("enroll", ""), rep.get("enroll"))
         judged = b.wait_for(r"m365-health: .*backend.* ok", 5, after=t3)
         check("update: slot B's health check required the backend reachable again and marked it good",
               t4 is not None and judged is not None, b.tail() if t4 is None or judged is None else f"{t4:.1f}s")
