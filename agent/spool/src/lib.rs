@@ -281,8 +281,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     }
 }
 
-/// Bytes a directory tree really occupies (allocated blocks, not file lengths).
-fn disk_usage(path: &Path) -> u64 {
+/// Bytes a directory tree really occupies on disk (allocated blocks, not file lengths), so sparse and
+/// preallocated files count as the file system counts them. Unreadable entries count as 0.
+pub fn disk_usage(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return 0;

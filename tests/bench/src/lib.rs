@@ -22,21 +22,7 @@ pub fn bench_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Bytes a directory tree really occupies on disk (allocated blocks, not file lengths), so sparse and
-/// preallocated files count as the file system counts them.
-pub fn disk_usage(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    if meta.is_dir() {
-        std::fs::read_dir(path)
-            .map(|rd| rd.flatten().map(|e| disk_usage(&e.path())).sum())
-            .unwrap_or(0)
-    } else {
-        meta.blocks() * 512
-    }
-}
+pub use sensor_spool::disk_usage;
 
 /// A rate in records per second.
 pub fn per_sec(n: usize, secs: f64) -> f64 {
