@@ -94,7 +94,7 @@ impl ControlContext {
 }
 
 /// The management client of `backend`, or why it cannot be built.
-fn client_for(
+pub(crate) fn client_for(
     backend: &BackendConfig,
     proxy: Option<&str>,
     id: &str,

@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use sensor_control::client::ManagementClient;
 use sensor_control::identity::Identity;
 use sensor_control::update::{self, UpdateOutcome};
 use sensor_core::config::Config;
@@ -52,10 +51,12 @@ pub async fn run(args: Args) -> Result<i32> {
             .flatten()
             .map(|i| i.sensor_id)
             .unwrap_or_default();
-        let http =
-            sensor_relay::backend_http_client(&config.backend, config.network.proxy.as_deref())?;
-        let client = ManagementClient::new(http, &config.backend.url, &sensor_id)
-            .with_bearer(sensor_relay::backend_bearer(&config.backend)?);
+        let client = crate::control::client_for(
+            &config.backend,
+            config.network.proxy.as_deref(),
+            &sensor_id,
+        )
+        .map_err(anyhow::Error::msg)?;
         let name = update::bundle_name(&format!("cli-{}", std::process::id()));
         eprintln!("downloading {} ...", args.bundle);
         let (path, sha) = update::download(

@@ -5,22 +5,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use sensor_bench::{as_blob, bench_dir, sample_records, SampleRecord};
+use sensor_bench::{as_blob, bench_dir, commit_sample, ndjson, sample_records, TENANT};
 use sensor_core::config::Compression;
-use sensor_spool::{
-    seen_key_v2, BatchLimits, BlobCommit, DedupWindow, RawRecord, Spool, SpoolOptions,
-};
-
-const TENANT: &str = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
-
-fn ndjson(recs: &[SampleRecord]) -> Vec<u8> {
-    let mut v = Vec::new();
-    for r in recs {
-        v.extend_from_slice(r.json.as_bytes());
-        v.push(b'\n');
-    }
-    v
-}
+use sensor_spool::{seen_key_v2, BatchLimits, DedupWindow, Spool, SpoolOptions};
 
 fn parse(c: &mut Criterion) {
     let recs = sample_records(1_000, 2);
@@ -105,25 +92,7 @@ fn spool(c: &mut Criterion) {
             .iter()
             .map(|r| format!("{}-{k}", r.id))
             .collect();
-        let raw: Vec<RawRecord<'_>> = recs[..per]
-            .iter()
-            .zip(&ids)
-            .map(|(r, id)| RawRecord {
-                id,
-                bytes: r.json.as_bytes(),
-            })
-            .collect();
-        spool
-            .commit_blob(&BlobCommit {
-                tenant_id: TENANT,
-                content_type: "Audit.Exchange",
-                content_id: &format!("blob-{k}"),
-                expires_unix: i64::MAX / 2,
-                collected_at: "2026-11-25T10:00:00Z",
-                records: &raw,
-                cursor: None,
-            })
-            .map(|o| o.spooled)
+        commit_sample(&spool, &format!("blob-{k}"), &recs[..per], Some(&ids)).map(|o| o.spooled)
     };
     let limits = BatchLimits {
         max_records: 100,

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::{disk_usage, per_sec, SampleRecord};
+use crate::{disk_usage, ndjson, per_sec, SampleRecord};
 
 /// Records per durability point of the "per 1,000" baselines (one blob of a busy tenant).
 pub const PER_BATCH: usize = 1_000;
@@ -53,15 +53,6 @@ pub struct Baselines {
     pub gzip6: Codec,
     /// serde_json parsing whole records into `Value`, MB/s.
     pub json_value_mb_per_s: f64,
-}
-
-fn ndjson(recs: &[SampleRecord]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(recs.iter().map(|r| r.json.len() + 1).sum());
-    for r in recs {
-        v.extend_from_slice(r.json.as_bytes());
-        v.push(b'\n');
-    }
-    v
 }
 
 fn append_sync(path: &Path, recs: &[SampleRecord], per: usize) -> anyhow::Result<f64> {

@@ -23,6 +23,47 @@ pub fn bench_dir() -> anyhow::Result<PathBuf> {
 }
 
 pub use sensor_spool::disk_usage;
+use sensor_spool::{BlobCommit, CommitOutcome, RawRecord, Spool, SpoolError};
+
+/// The tenant every bench's records belong to (a lowercase GUID, as Microsoft serves them).
+pub const TENANT: &str = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
+
+/// The records as newline-delimited JSON: each record's bytes as served, then `\n`.
+pub fn ndjson(recs: &[SampleRecord]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(recs.iter().map(|r| r.json.len() + 1).sum());
+    for r in recs {
+        v.extend_from_slice(r.json.as_bytes());
+        v.push(b'\n');
+    }
+    v
+}
+
+/// Commits `recs` to `spool` as one blob `content_id` of [`TENANT`] (no cursor), under their own Ids
+/// or, when given, under `ids` (one per record: new Ids make the same records count as new).
+pub fn commit_sample(
+    spool: &Spool,
+    content_id: &str,
+    recs: &[SampleRecord],
+    ids: Option<&[String]>,
+) -> Result<CommitOutcome, SpoolError> {
+    let raw: Vec<RawRecord<'_>> = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| RawRecord {
+            id: ids.and_then(|ids| ids.get(i)).unwrap_or(&r.id),
+            bytes: r.json.as_bytes(),
+        })
+        .collect();
+    spool.commit_blob(&BlobCommit {
+        tenant_id: TENANT,
+        content_type: "Audit.Exchange",
+        content_id,
+        expires_unix: i64::MAX / 2,
+        collected_at: "2026-11-25T10:00:00Z",
+        records: &raw,
+        cursor: None,
+    })
+}
 
 /// A rate in records per second.
 pub fn per_sec(n: usize, secs: f64) -> f64 {

@@ -5,10 +5,9 @@
 
 use std::time::Instant;
 
-use sensor_bench::{bench_dir, disk_usage, per_sec};
+use sensor_bench::{bench_dir, disk_usage, per_sec, TENANT};
 use sensor_spool::{seen_key, seen_key_v2, seen_tree_name, DedupWindow};
 
-const TENANT: &str = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
 const DAYS: u32 = 9;
 const FIRST_DAY: u32 = 20_400;
 
