@@ -42,6 +42,38 @@ def check(name, ok, detail=""):
     return ok
 
 
+def guest_journal(disk, workdir):
+    """The appliance's own units' journal, read from the data partition of a stopped guest's disk
+    (debugfs and journalctl on the host, nothing mounted): what failed and why, when the console only
+    says that something did."""
+    off, _ = partition(disk, "data")
+    dest = tempfile.mkdtemp(prefix="journal-", dir=workdir)
+    subprocess.run(["debugfs", "-R", f"rdump /log/journal {dest}", f"{disk}?offset={off}"],
+                   capture_output=True, check=True)
+    units = [a for u in ("m365-provision", "m365-enroll", "m365-sensor", "m365-health", "m365-update")
+             for a in ("-u", f"{u}.service")]
+    out = subprocess.run(["journalctl", "--no-pager", "-o", "short-monotonic", "-D",
+                          os.path.join(dest, "journal"), *units], capture_output=True, text=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    return (out.stdout + out.stderr).strip()
+
+
+def explain_failure(workdir):
+    """Prints what a failed scenario left behind: the guest's journal of each disk and the receiver's log."""
+    for name in sorted(os.listdir(workdir)):
+        path = os.path.join(workdir, name)
+        try:
+            if name.endswith(".raw") and "data" in sh("sfdisk", "-l", "-o", "Name", path):
+                print(f"-- the guest journal of {name} (m365 units):")
+                print("\n".join(guest_journal(path, workdir).splitlines()[-150:]))
+            elif name == "rx.log":
+                print("-- the receiver's log (last 60 lines):")
+                print("\n".join(open(path, errors="replace").read().splitlines()[-60:]))
+        except (OSError, subprocess.CalledProcessError, ValueError) as e:
+            print(f"-- {name}: could not be read ({e})")
+    sys.stdout.flush()
+
+
 def sh(*args, **kw):
     return subprocess.run(args, check=True, text=True, capture_output=True, **kw).stdout
 
@@ -335,10 +367,13 @@ def main():
             os.makedirs(workdir)
             t = time.monotonic()
             print(f"== {name}", flush=True)
+            failures = sum(1 for _, ok, _ in RESULTS if not ok)
             try:
                 scenarios[name](a, raw, workdir)
             except Exception as e:  # a broken scenario is a failure, not a crash of the suite
                 check(f"{name}: ran to the end", False, f"{type(e).__name__}: {e}")
+            if sum(1 for _, ok, _ in RESULTS if not ok) > failures:
+                explain_failure(workdir)
             print(f"== {name}: {time.monotonic() - t:.1f}s", flush=True)
             if not a.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -635,6 +670,10 @@ def scenario_update(a, raw, workdir):
         if not check("update: the device enrolled with the seeded token and heartbeats over mutual TLS",
                      bool(enrolled) and bool(hb), f"{len(enrolled or [])} enrolment(s), {len(hb or [])} heartbeat(s)"):
             return
+        b.wait_for(r"M365-REPORT-END")
+        enroll = b.report().get("enroll", "")
+        check("update: m365-enroll.service succeeded and wiped the token (no step after the enrolment failed)",
+              enroll.startswith("inactive/success") and "token_left=no" in enroll, enroll)
         data = open(bundle, "rb").read()
         sha = hashlib.sha256(data).hexdigest()
         rx.call("PUT", "/_rx/files/update.raucb", raw=data)

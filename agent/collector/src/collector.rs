@@ -403,10 +403,10 @@ impl Collector {
             let name = &self.t.config.name;
             match state.severity() {
                 sensor_core::status::Severity::Ok => {
-                    log::info!(target: "collector", tenant = name.as_str(), content_type = self.content_type.as_str(), state = state.name().as_str(); "state changed")
+                    log::info!(target: "collector", tenant = name.as_str(), content_type = self.content_type.as_str(), state = state.name().as_str(); "{name} {}: {}", self.content_type, state.name())
                 }
                 _ => {
-                    log::warn!(target: "collector", tenant = name.as_str(), content_type = self.content_type.as_str(), state = state.name().as_str(), error = error.unwrap_or_default().as_str(); "state changed")
+                    log::warn!(target: "collector", tenant = name.as_str(), content_type = self.content_type.as_str(), state = state.name().as_str(), error = error.as_deref().unwrap_or_default(); "{name} {}: {}: {}", self.content_type, state.name(), error.as_deref().unwrap_or_default())
                 }
             }
         }
