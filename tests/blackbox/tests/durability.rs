@@ -91,7 +91,9 @@ fn fdatasync_separates_writing_records_from_treating_them_as_committed() -> anyh
     let mut durable: HashSet<String> = HashSet::new();
     let (mut markers, mut sends, mut commits) = (0, 0, 0);
     for (i, line) in text.lines().enumerate() {
-        let on_db = line.contains("/spool/db>");
+        // The spool's sled file: generation 0 is `spool/db`, a reclaimed one `spool/gen-<n>/db`.
+        let on_db =
+            line.contains("/spool/db>") || (line.contains("/spool/gen-") && line.contains("/db>"));
         if on_db && (line.contains("pwrite64(") || line.contains("pwritev")) {
             last_write = Some(i);
         }
