@@ -1,60 +1,163 @@
-//! The record-Id dedup window: one sled tree per UTC day (`seen2-<day>`) holding the keys of the record
-//! Ids first spooled that day, so that a whole day expires with one `drop_tree` instead of one delete
-//! per Id. Trees of the older key format 1 (`seen-<day>`) are still consulted until they expire.
+//! The record-Id dedup window: which (tenant, record Id) pairs were spooled in the last `dedup_days`
+//! UTC days, by the day they were first spooled.
 //!
-//! Invariants: a key is exact (the tenant and the full record Id, see [`crate::keys::seen_key_v2`]): a
-//! lookup never answers "seen" for an Id that was not inserted, so dedup never drops a record it was not
-//! given before (a false positive would be silent data loss). A day is dropped only when it is wholly
-//! older than the window.
+//! Format 3 (this version writes it): a blob's new keys go into the blob's own sled transaction as ONE
+//! log entry (`L` + day + log seq → the keys, length-prefixed), not one sled key per Id; they are also
+//! held in memory. When the memory holds [`MEM_MAX_KEYS`], they are written out as sorted run files
+//! (`runs.rs`, one per day) and then the log entries are deleted. Runs of a day are merged pairwise
+//! (the newest two when the newer is at least half the older), so a day keeps O(log n) runs. A lookup
+//! checks memory, then the runs newest first (a Bloom filter skips most), then the sled trees of
+//! formats 2 (`seen2-<day>`) and 1 (`seen-<day>`) that older versions left, until they expire. Expiry
+//! deletes a day's files and drops its trees: no per-Id work.
+//!
+//! Invariants: a key is exact ([`crate::keys::seen_key_v2`]) and a lookup never answers "seen" for a key
+//! that was not inserted (a false positive would silently drop a record). A key inserted by a committed
+//! blob is found by every later lookup in the window, across crashes: its log entry is durable with the
+//! blob, and is deleted only after a run holding the key is durable. A day is dropped only when it is
+//! wholly older than the window. Memory is bounded by [`MEM_MAX_KEYS`] keys plus each run's index and
+//! filter (~1.6 bytes per key); the keys themselves stay on disk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 
-use crate::{keys, SpoolError};
+use crate::runs::{self, KeyHash, Run};
+use crate::{io_err, keys, SpoolError};
 
-/// The day trees of one sled database. Not synchronised: the spool holds it under its lock.
+/// Keys held in memory before they are written out as runs (~5 MiB for GUID keys).
+pub const MEM_MAX_KEYS: usize = 65_536;
+
+/// The dedup window of a spool. Not synchronised: the spool holds it under its lock.
 pub struct DedupWindow {
+    dir: PathBuf,
+    /// Runs, oldest (day, seq) first.
+    runs: Vec<Run>,
+    /// Keys logged and not yet in a run, by day.
+    mem: BTreeMap<u32, HashSet<Box<[u8]>>>,
+    mem_keys: usize,
+    /// Keys in memory that trigger writing runs ([`MEM_MAX_KEYS`]; tests lower it).
+    mem_max_keys: usize,
+    next_log: u64,
+    next_run: u64,
+    /// Format-2 and format-1 day trees left by older versions: read until they expire.
+    legacy: Legacy,
+}
+
+struct Legacy {
     db: sled::Db,
-    /// Format-2 day trees: written and read.
-    days: BTreeMap<u32, sled::Tree>,
-    /// Format-1 day trees left by an older version: read until they expire.
-    days_v1: BTreeMap<u32, sled::Tree>,
+    v2: BTreeMap<u32, sled::Tree>,
+    v1: BTreeMap<u32, sled::Tree>,
+}
+
+impl Legacy {
+    fn open(db: &sled::Db) -> Result<Legacy, SpoolError> {
+        let (mut v2, mut v1) = (BTreeMap::new(), BTreeMap::new());
+        for name in db.tree_names() {
+            if let Some(day) = keys::seen2_tree_day(&name) {
+                v2.insert(day, db.open_tree(&name)?);
+            } else if let Some(day) = keys::seen_tree_day(&name) {
+                v1.insert(day, db.open_tree(&name)?);
+            }
+        }
+        Ok(Legacy {
+            db: db.clone(),
+            v2,
+            v1,
+        })
+    }
+}
+
+/// The log key of entry `seq` of `day`: `L` + day (u32 BE) + seq (u64 BE).
+fn log_key(day: u32, seq: u64) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = keys::DEDUP_LOG;
+    k[1..5].copy_from_slice(&day.to_be_bytes());
+    k[5..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
 impl DedupWindow {
-    /// Finds the existing day trees of `db`.
-    pub fn open(db: &sled::Db) -> Result<DedupWindow, SpoolError> {
-        let (mut days, mut days_v1) = (BTreeMap::new(), BTreeMap::new());
-        for name in db.tree_names() {
-            if let Some(day) = keys::seen2_tree_day(&name) {
-                days.insert(day, db.open_tree(&name)?);
-            } else if let Some(day) = keys::seen_tree_day(&name) {
-                days_v1.insert(day, db.open_tree(&name)?);
+    /// Opens the window of a spool: the runs in `dir` (created when missing; unfinished `.tmp` files of
+    /// an interrupted write are deleted), the log entries of `main` (back into memory), and the older
+    /// formats' trees of `db`.
+    pub fn open(db: &sled::Db, main: &sled::Tree, dir: &Path) -> Result<DedupWindow, SpoolError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                let p = entry.path();
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            } else if let Some(id) = runs::parse_name(&name) {
+                found.push(id);
             }
         }
-        Ok(DedupWindow {
-            db: db.clone(),
-            days,
-            days_v1,
-        })
+        found.sort_unstable();
+        let runs = found
+            .iter()
+            .map(|(day, seq)| Run::open(dir, *day, *seq))
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_run = found.iter().map(|(_, s)| s + 1).max().unwrap_or(1);
+        let mut w = DedupWindow {
+            dir: dir.to_path_buf(),
+            runs,
+            mem: BTreeMap::new(),
+            mem_keys: 0,
+            mem_max_keys: MEM_MAX_KEYS,
+            next_log: 1,
+            next_run,
+            legacy: Legacy::open(db)?,
+        };
+        for kv in main.scan_prefix([keys::DEDUP_LOG]) {
+            let (k, v) = kv?;
+            let bad = || SpoolError::Corrupt(format!("dedup log entry {k:?} is malformed"));
+            if k.len() != 13 {
+                return Err(bad());
+            }
+            let day = u32::from_be_bytes(k[1..5].try_into().map_err(|_| bad())?);
+            let seq = u64::from_be_bytes(k[5..].try_into().map_err(|_| bad())?);
+            w.next_log = w.next_log.max(seq + 1);
+            let keys = runs::keys_of(&v).ok_or_else(bad)?;
+            w.remember(day, keys.into_iter());
+        }
+        Ok(w)
     }
 
-    /// Whether the record Id of the tenant was inserted on any day still in the window (newest day
-    /// first: recent duplicates are the common case). `key` is [`keys::seen_key_v2`] of the pair. A miss
-    /// costs one lookup per day kept.
+    fn remember<'k>(&mut self, day: u32, keys: impl Iterator<Item = &'k [u8]>) {
+        let set = self.mem.entry(day).or_default();
+        for k in keys {
+            if set.insert(Box::from(k)) {
+                self.mem_keys += 1;
+            }
+        }
+    }
+
+    /// Whether the tenant's record Id was inserted on any day still in the window. `key` is
+    /// [`keys::seen_key_v2`] of the pair. A miss costs a filter probe per run and a lookup per legacy
+    /// day tree; a hit one block read.
     pub fn contains(
         &self,
         key: &[u8],
         tenant_id: &str,
         record_id: &str,
     ) -> Result<bool, SpoolError> {
-        for tree in self.days.values().rev() {
+        if self.mem.values().any(|s| s.contains(key)) {
+            return Ok(true);
+        }
+        let h = KeyHash::of(key);
+        for run in self.runs.iter().rev() {
+            if run.contains(key, h)? {
+                return Ok(true);
+            }
+        }
+        for tree in self.legacy.v2.values().rev() {
             if tree.contains_key(key)? {
                 return Ok(true);
             }
         }
-        if !self.days_v1.is_empty() {
+        if !self.legacy.v1.is_empty() {
             let old = keys::seen_key(tenant_id, record_id);
-            for tree in self.days_v1.values().rev() {
+            for tree in self.legacy.v1.values().rev() {
                 if tree.contains_key(&old)? {
                     return Ok(true);
                 }
@@ -63,58 +166,361 @@ impl DedupWindow {
         Ok(false)
     }
 
-    /// The tree of `day` (days since the Unix epoch, UTC), created when missing. Inserts go through it
-    /// inside the caller's transaction.
-    pub fn day_tree(&mut self, day: u32) -> Result<sled::Tree, SpoolError> {
-        if let Some(t) = self.days.get(&day) {
-            return Ok(t.clone());
+    /// The log entry (key, value) that records `keys` as inserted on `day`: the caller writes it in the
+    /// transaction that spools their records, then calls [`DedupWindow::logged`].
+    pub fn log_entry(&self, day: u32, keys: &[Vec<u8>]) -> ([u8; 13], Vec<u8>) {
+        let mut v = Vec::with_capacity(keys.iter().map(|k| k.len() + 1).sum());
+        for k in keys {
+            runs::put_key(&mut v, k);
         }
-        let t = self.db.open_tree(keys::seen2_tree_name(day))?;
-        self.days.insert(day, t.clone());
-        Ok(t)
+        (log_key(day, self.next_log), v)
     }
 
-    /// Inserts keys ([`keys::seen_key_v2`]) into `day` in one sled batch (bulk loading: benches and tools; the spool inserts in
-    /// its blob transaction). Not durable until the database is flushed.
-    pub fn insert_batch<'k>(
+    /// After the transaction holding [`DedupWindow::log_entry`] committed: the keys count as seen, and
+    /// when memory is full they are written out as runs (`main`: where the log entries are deleted).
+    pub fn logged(
         &mut self,
         day: u32,
-        keys: impl IntoIterator<Item = &'k [u8]>,
+        keys: &[Vec<u8>],
+        main: &sled::Tree,
     ) -> Result<(), SpoolError> {
-        let tree = self.day_tree(day)?;
-        let mut batch = sled::Batch::default();
-        for k in keys {
-            batch.insert(k, &[]);
+        self.next_log += 1;
+        self.remember(day, keys.iter().map(Vec::as_slice));
+        if self.mem_keys >= self.mem_max_keys {
+            self.write_runs(main)?;
         }
-        tree.apply_batch(batch)?;
         Ok(())
     }
 
-    /// Drops every day before `oldest_kept`, one `drop_tree` each. Returns how many days it dropped.
-    pub fn expire_before(&mut self, oldest_kept: u32) -> Result<usize, SpoolError> {
-        let old: Vec<u32> = self.days.range(..oldest_kept).map(|(d, _)| *d).collect();
-        for day in &old {
-            self.days.remove(day);
-            self.db.drop_tree(keys::seen2_tree_name(*day))?;
+    /// Writes the keys in memory out as runs (durably), then deletes the log entries they came from, then
+    /// merges runs (see the module header). On an error, what was not written stays in memory and logged.
+    pub fn write_runs(&mut self, main: &sled::Tree) -> Result<(), SpoolError> {
+        let days: Vec<u32> = self.mem.keys().copied().collect();
+        for day in days {
+            let Some(set) = self.mem.get(&day) else {
+                continue;
+            };
+            let mut keys: Vec<&[u8]> = set.iter().map(|k| &**k).collect();
+            keys.sort_unstable();
+            let run = Run::write(&self.dir, day, self.next_run, &keys)?;
+            self.next_run += 1;
+            self.runs.push(run);
+            if let Some(set) = self.mem.remove(&day) {
+                self.mem_keys -= set.len();
+            }
+            self.merge_day(day)?;
         }
-        let old_v1: Vec<u32> = self.days_v1.range(..oldest_kept).map(|(d, _)| *d).collect();
-        for day in &old_v1 {
-            self.days_v1.remove(day);
-            self.db.drop_tree(keys::seen_tree_name(*day))?;
+        // A day that is over (a newer one has runs) is merged into a single run, once.
+        let newest = self.runs.iter().map(|r| r.day).max().unwrap_or(0);
+        let mut closed: Vec<u32> = self
+            .runs
+            .iter()
+            .map(|r| r.day)
+            .filter(|d| *d < newest)
+            .collect();
+        closed.sort_unstable();
+        closed.dedup();
+        for day in closed {
+            self.merge_all(day)?;
         }
-        Ok(old.len() + old_v1.len())
+        let mut batch = sled::Batch::default();
+        for k in main.scan_prefix([keys::DEDUP_LOG]).keys() {
+            batch.remove(k?);
+        }
+        main.apply_batch(batch)?;
+        Ok(())
     }
 
-    /// The days held (either format), oldest first, each once.
+    /// Merges every run of `day` into one (when it has more than one).
+    fn merge_all(&mut self, day: u32) -> Result<(), SpoolError> {
+        let of_day: Vec<&Run> = self.runs.iter().filter(|r| r.day == day).collect();
+        if of_day.len() < 2 {
+            return Ok(());
+        }
+        let merged = runs::merge(&self.dir, day, self.next_run, &of_day)?;
+        self.next_run += 1;
+        self.replace_runs(day, merged)
+    }
+
+    /// Puts `merged` (of `day`) in place of the day's other runs, then deletes their files.
+    fn replace_runs(&mut self, day: u32, merged: Run) -> Result<(), SpoolError> {
+        let (old, mut keep): (Vec<Run>, Vec<Run>) = std::mem::take(&mut self.runs)
+            .into_iter()
+            .partition(|r| r.day == day && r.seq < merged.seq);
+        let at = keep.partition_point(|r| (r.day, r.seq) < (day, merged.seq));
+        keep.insert(at, merged);
+        self.runs = keep;
+        for r in old {
+            r.remove()?;
+        }
+        Ok(())
+    }
+
+    /// Merges the two newest runs of `day` while the newer holds at least half as many keys as the older.
+    /// The merged run is durable before the two are deleted.
+    fn merge_day(&mut self, day: u32) -> Result<(), SpoolError> {
+        loop {
+            let of_day: Vec<usize> = (0..self.runs.len())
+                .filter(|i| self.runs[*i].day == day)
+                .collect();
+            let [.., a, b] = of_day[..] else {
+                return Ok(());
+            };
+            if self.runs[b].keys * 2 < self.runs[a].keys {
+                return Ok(());
+            }
+            let merged = runs::merge(
+                &self.dir,
+                day,
+                self.next_run,
+                &[&self.runs[a], &self.runs[b]],
+            )?;
+            self.next_run += 1;
+            let newer = self.runs.remove(b);
+            let older = self.runs.remove(a);
+            let at = self
+                .runs
+                .partition_point(|r| (r.day, r.seq) < (day, merged.seq));
+            self.runs.insert(at, merged);
+            newer.remove()?;
+            older.remove()?;
+        }
+    }
+
+    /// Inserts `keys` as inserted on `day` outside any blob (bulk loading: benches and tools), durable
+    /// once `main`'s database is flushed.
+    pub fn insert(
+        &mut self,
+        day: u32,
+        keys: &[Vec<u8>],
+        main: &sled::Tree,
+    ) -> Result<(), SpoolError> {
+        let (k, v) = self.log_entry(day, keys);
+        main.insert(k, v)?;
+        self.logged(day, keys, main)
+    }
+
+    /// Drops every day before `oldest_kept`: its runs are deleted, its keys in memory and its log
+    /// entries forgotten, and older formats' trees dropped. Returns how many days it dropped.
+    pub fn expire_before(
+        &mut self,
+        oldest_kept: u32,
+        main: &sled::Tree,
+    ) -> Result<usize, SpoolError> {
+        let mut days: HashSet<u32> = HashSet::new();
+        let (old, keep): (Vec<Run>, Vec<Run>) = std::mem::take(&mut self.runs)
+            .into_iter()
+            .partition(|r| r.day < oldest_kept);
+        self.runs = keep;
+        for r in old {
+            days.insert(r.day);
+            r.remove()?;
+        }
+        let mem_old: Vec<u32> = self.mem.range(..oldest_kept).map(|(d, _)| *d).collect();
+        if !mem_old.is_empty() {
+            for d in &mem_old {
+                if let Some(set) = self.mem.remove(d) {
+                    self.mem_keys -= set.len();
+                }
+                days.insert(*d);
+            }
+            let mut batch = sled::Batch::default();
+            for k in main.range(log_key(0, 0)..log_key(oldest_kept, 0)).keys() {
+                batch.remove(k?);
+            }
+            main.apply_batch(batch)?;
+        }
+        let l = &mut self.legacy;
+        for d in
+            l.v2.range(..oldest_kept)
+                .map(|(d, _)| *d)
+                .collect::<Vec<_>>()
+        {
+            l.v2.remove(&d);
+            l.db.drop_tree(keys::seen2_tree_name(d))?;
+            days.insert(d);
+        }
+        for d in
+            l.v1.range(..oldest_kept)
+                .map(|(d, _)| *d)
+                .collect::<Vec<_>>()
+        {
+            l.v1.remove(&d);
+            l.db.drop_tree(keys::seen_tree_name(d))?;
+            days.insert(d);
+        }
+        Ok(days.len())
+    }
+
+    /// After the spool switched to a new sled generation (reclaim): the older formats' trees are read from
+    /// `db` now. Runs and memory stay (the log entries were copied with the rest).
+    pub fn switch_db(&mut self, db: &sled::Db) -> Result<(), SpoolError> {
+        self.legacy = Legacy::open(db)?;
+        Ok(())
+    }
+
+    /// Lowers the number of keys in memory that triggers writing runs (tests).
+    #[cfg(test)]
+    pub(crate) fn set_mem_max_keys(&mut self, n: usize) {
+        self.mem_max_keys = n;
+    }
+
+    /// The days held (any format), oldest first, each once.
     pub fn days(&self) -> Vec<u32> {
         let mut d: Vec<u32> = self
-            .days
-            .keys()
-            .chain(self.days_v1.keys())
-            .copied()
+            .runs
+            .iter()
+            .map(|r| r.day)
+            .chain(self.mem.keys().copied())
+            .chain(self.legacy.v2.keys().copied())
+            .chain(self.legacy.v1.keys().copied())
             .collect();
         d.sort_unstable();
         d.dedup();
         d
+    }
+
+    /// Figures for benchmarks and the status: (keys in memory, runs, keys in runs, bytes of memory the
+    /// runs' indexes and filters take).
+    pub fn figures(&self) -> (usize, usize, u64, usize) {
+        (
+            self.mem_keys,
+            self.runs.len(),
+            self.runs.iter().map(|r| r.keys).sum(),
+            self.runs.iter().map(Run::memory).sum(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(i: u32) -> Vec<u8> {
+        keys::seen_key_v2("t", &format!("id-{i}"))
+    }
+
+    fn open(dir: &Path) -> (sled::Db, sled::Tree, DedupWindow) {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .open()
+            .expect("sled");
+        let main = db.open_tree("main").expect("main");
+        let w = DedupWindow::open(&db, &main, &dir.join("dedup")).expect("open");
+        (db, main, w)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Against a set: every key inserted is found, before and after a reopen (a crash: whatever was
+        /// in memory comes back from the log), through runs and their merges; nothing else is.
+        #[test]
+        fn finds_exactly_what_was_inserted(
+            blobs in prop::collection::vec((0u32..3, prop::collection::vec(0u32..400, 1..40)), 1..40),
+            mem_max in 1usize..60,
+            reopen_at in 0usize..40,
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (mut db, mut main, mut w) = open(dir.path());
+            w.mem_max_keys = mem_max;
+            let mut model: HashSet<Vec<u8>> = HashSet::new();
+            for (n, (day, ids)) in blobs.iter().enumerate() {
+                if n == reopen_at {
+                    db.flush().expect("flush");
+                    drop((w, main, db));
+                    (db, main, w) = open(dir.path());
+                    w.mem_max_keys = mem_max;
+                }
+                let new: HashSet<Vec<u8>> =
+                    ids.iter().map(|i| key(*i)).filter(|k| !model.contains(k)).collect();
+                let new: Vec<Vec<u8>> = new.into_iter().collect();
+                for k in &new {
+                    let found = w.contains(k, "t", "").expect("contains");
+                    prop_assert!(!found, "a key never inserted was found");
+                }
+                w.insert(20_000 + day, &new, &main).expect("insert");
+                model.extend(new);
+            }
+            for i in 0..400 {
+                let k = key(i);
+                prop_assert_eq!(w.contains(&k, "t", "").expect("contains"), model.contains(&k), "key {}", i);
+            }
+            let (_, runs, in_runs, _) = w.figures();
+            prop_assert!(runs <= 3 * 8, "runs are merged: {} runs", runs);
+            prop_assert!(in_runs as usize <= model.len() * 2);
+        }
+    }
+
+    #[test]
+    fn a_crash_between_the_run_and_the_log_deletion_loses_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys: Vec<Vec<u8>> = (0..100).map(key).collect();
+        {
+            let (db, main, mut w) = open(dir.path());
+            w.mem_max_keys = usize::MAX;
+            w.insert(20_000, &keys, &main).expect("insert");
+            // The runs are written; the crash comes before the log entries are deleted.
+            let day_keys: Vec<&[u8]> = {
+                let mut k: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+                k.sort_unstable();
+                k
+            };
+            Run::write(&w.dir, 20_000, w.next_run, &day_keys).expect("run");
+            db.flush().expect("flush");
+        }
+        let (_, main, mut w) = open(dir.path());
+        assert_eq!(w.figures().0, 100, "the log came back into memory");
+        assert_eq!(w.figures().1, 1, "and the run is there");
+        w.write_runs(&main).expect("write runs");
+        assert_eq!(
+            main.scan_prefix([keys::DEDUP_LOG]).count(),
+            0,
+            "log deleted"
+        );
+        for k in &keys {
+            assert!(w.contains(k, "t", "").expect("contains"));
+        }
+        assert!(!w.contains(&key(100), "t", "").expect("contains"));
+    }
+
+    #[test]
+    fn expiry_deletes_whole_days_and_a_damaged_run_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_db, main, mut w) = open(dir.path());
+        w.mem_max_keys = 10;
+        for day in 20_000..20_003u32 {
+            let keys: Vec<Vec<u8>> = (day * 100..day * 100 + 25).map(key).collect();
+            w.insert(day, &keys, &main).expect("insert");
+        }
+        w.insert(20_003, &[key(1)], &main).expect("insert");
+        assert_eq!(w.days(), vec![20_000, 20_001, 20_002, 20_003]);
+        assert_eq!(w.expire_before(20_002, &main).expect("expire"), 2);
+        assert_eq!(w.days(), vec![20_002, 20_003]);
+        assert!(!w.contains(&key(2_000_000), "t", "").expect("contains"));
+        assert!(w.contains(&key(2_000_200), "t", "").expect("contains"));
+        let files: Vec<String> = std::fs::read_dir(dir.path().join("dedup"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(files.iter().all(|f| f.starts_with("20002-")), "{files:?}");
+        // A run cut short (a damaged disk) is refused by name, not read as fewer keys.
+        let victim = dir.path().join("dedup").join(&files[0]);
+        let len = std::fs::metadata(&victim).expect("meta").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .and_then(|f| f.set_len(len - 3))
+            .expect("truncate");
+        drop(w);
+        let db = sled::Config::new()
+            .path(dir.path().join("db2"))
+            .open()
+            .expect("sled");
+        let main2 = db.open_tree("main").expect("main");
+        let err = DedupWindow::open(&db, &main2, &dir.path().join("dedup"))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains(&files[0]), "{err}");
     }
 }

@@ -59,7 +59,7 @@ pub(crate) fn current(dir: &Path) -> Result<u64, SpoolError> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))

@@ -13,6 +13,9 @@ pub const CURSOR: u8 = b'K';
 pub const META: u8 = b'M';
 /// Quarantined item: `Q` + seq (u64 BE).
 pub const QUARANTINE: u8 = b'Q';
+/// Dedup log entry (format 3, `dedup.rs`): `L` + day (u32 BE) + seq (u64 BE) -> the record-Id keys a
+/// blob added, each LEB128 length + bytes.
+pub const DEDUP_LOG: u8 = b'L';
 
 /// Meta names.
 pub mod meta {

@@ -32,8 +32,12 @@
 //!   'Q' seq:u64be              -> QuarantineItem (JSON)
 //!   'M' name                   -> next_chunk, next_batch, next_quarantine (u64be), batch_pos (u64be u32be),
 //!                                 figures (JSON)
-//! tree "seen2-<day>" per UTC day: keys::seen_key_v2(tenant_id, record_id) -> () (33 bytes for GUIDs);
-//!   whole days are dropped after dedup_days (dedup.rs)
+//!   'L' day:u32be seq:u64be    -> dedup log: the keys::seen_key_v2 keys a blob added (LEB128 length + bytes
+//!                                 each), until they are in a run file (dedup.rs)
+//! <dir>/dedup/<day>-<seq>.run: sorted dedup keys of one UTC day, outside sled (runs.rs); whole days are
+//!   deleted after dedup_days
+//! tree "seen2-<day>" (format 2, older versions): keys::seen_key_v2(tenant_id, record_id) -> () ; read
+//!   until it expires
 //! tree "seen-<day>" (format 1, older versions): tenant_id 0x00 record_id -> () ; read until it expires
 //! ```
 //! `source` is `<tenant_id>/<content_type>`. A position is (chunk seq, record index in that chunk).
@@ -42,9 +46,10 @@ mod chunk;
 mod dedup;
 mod gen;
 mod keys;
+mod runs;
 
 pub use dedup::DedupWindow;
-pub use keys::{seen_key, seen_key_v2, seen_tree_name};
+pub use keys::{seen2_tree_name, seen_key, seen_key_v2, seen_tree_name};
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -53,7 +58,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +241,9 @@ pub struct Reclaimed {
     pub bytes_after: u64,
 }
 
+/// The dedup window's run files, under the spool directory (outside the sled generations).
+const DEDUP_DIR: &str = "dedup";
+
 /// After a drain the spool reclaims space on its own when its files are at least this large and twice
 /// what the last reclaim (or open) left: often enough to give a backlog's space back, rarely enough that
 /// a spool emptied after every batch does not copy its metadata each time.
@@ -375,7 +383,7 @@ impl Spool {
             Some(v) => serde_json::from_slice(&v)
                 .map_err(|e| SpoolError::Corrupt(format!("figures: {e}")))?,
         };
-        let seen = DedupWindow::open(&g.db)?;
+        let seen = DedupWindow::open(&g.db, &g.main, &dir.join(DEDUP_DIR))?;
         let oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
         let spool = Spool {
             dir: dir.to_path_buf(),
@@ -429,7 +437,6 @@ impl Spool {
     pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
         let mut inner = self.lock();
         let today = day_of(now_unix());
-        let today_tree = inner.seen.day_tree(today)?;
         let mut new_ids: Vec<Vec<u8>> = Vec::new();
         let mut in_blob: HashSet<Vec<u8>> = HashSet::new();
         let mut duplicates = 0u64;
@@ -485,30 +492,34 @@ impl Spool {
         let done_value = done_value(c.expires_unix, DoneKind::Spooled);
         let done_key = keys::done_key(&source, c.content_id);
         let cursor_key = keys::cursor_key(&source);
-        let result: Result<(), TransactionError<()>> =
-            (&self.g().main, &today_tree).transaction(|(m, s)| {
-                for (seq, v) in &chunks {
-                    m.insert(&keys::seq_key(keys::CHUNK, *seq), v.as_slice())?;
-                }
-                m.insert(done_key.as_slice(), done_value.as_slice())?;
-                if let Some(cur) = &cursor {
-                    m.insert(cursor_key.as_slice(), json(cur))?;
-                }
-                m.insert(
-                    keys::meta_key(keys::meta::NEXT_CHUNK),
-                    &next_chunk.to_be_bytes(),
-                )?;
-                m.insert(keys::meta_key(keys::meta::FIGURES), figures_json.as_slice())?;
-                for id in &new_ids {
-                    s.insert(id.as_slice(), &[])?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            });
+        let (log_key, log_value) = inner.seen.log_entry(today, &new_ids);
+        let g = self.g();
+        let result: Result<(), TransactionError<()>> = g.main.transaction(|m| {
+            for (seq, v) in &chunks {
+                m.insert(&keys::seq_key(keys::CHUNK, *seq), v.as_slice())?;
+            }
+            m.insert(done_key.as_slice(), done_value.as_slice())?;
+            if let Some(cur) = &cursor {
+                m.insert(cursor_key.as_slice(), json(cur))?;
+            }
+            m.insert(
+                keys::meta_key(keys::meta::NEXT_CHUNK),
+                &next_chunk.to_be_bytes(),
+            )?;
+            m.insert(keys::meta_key(keys::meta::FIGURES), figures_json.as_slice())?;
+            if !new_ids.is_empty() {
+                m.insert(&log_key[..], log_value.as_slice())?;
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
         result.map_err(|e| match e {
             TransactionError::Storage(e) => SpoolError::Db(e),
             TransactionError::Abort(()) => SpoolError::Corrupt("transaction aborted".into()),
         })?;
         self.make_durable(&format!("blob {source} {}", c.content_id))?;
+        if !new_ids.is_empty() {
+            inner.seen.logged(today, &new_ids, &g.main)?;
+        }
         inner.next_chunk = next_chunk;
         inner.figures = figures;
         if spooled > 0 && inner.oldest_unbatched.is_none() {
@@ -670,7 +681,7 @@ impl Spool {
     pub fn expire_seen(&self) -> Result<(), SpoolError> {
         let mut inner = self.lock();
         let oldest_kept = day_of(now_unix()).saturating_sub(self.opts.dedup_days);
-        inner.seen.expire_before(oldest_kept)?;
+        inner.seen.expire_before(oldest_kept, &self.g().main)?;
         Ok(())
     }
 
@@ -679,10 +690,21 @@ impl Spool {
         self.lock().figures.clone()
     }
 
-    /// Bytes the spool's database really occupies on disk (allocated blocks of every file of the
-    /// generation in use; sled's files never shrink, see [`Spool::reclaim`]).
+    /// Bytes the spool really occupies on disk: allocated blocks of the sled generation in use (whose
+    /// files never shrink, see [`Spool::reclaim`]) and of the dedup window's run files.
     pub fn disk_bytes(&self) -> u64 {
-        disk_usage(&self.g().path)
+        self.sled_disk_bytes(&self.g().path) + disk_usage(&self.dir.join(DEDUP_DIR))
+    }
+
+    /// Allocated bytes of the sled generation at `path` (generation 0 is the spool directory itself:
+    /// the dedup run files under it do not count).
+    fn sled_disk_bytes(&self, path: &Path) -> u64 {
+        let all = disk_usage(path);
+        if path == self.dir {
+            all.saturating_sub(disk_usage(&self.dir.join(DEDUP_DIR)))
+        } else {
+            all
+        }
     }
 
     /// The configured cap.
@@ -875,7 +897,7 @@ impl Spool {
         self.g().db.flush()?;
         inner.figures = figures;
         if inner.figures.pending_records == 0 {
-            let disk = self.disk_bytes();
+            let disk = self.sled_disk_bytes(&self.g().path);
             if disk >= RECLAIM_MIN_BYTES && disk >= inner.reclaim_floor.saturating_mul(2) {
                 // The ack itself is done: a failed reclaim leaves the old generation in use.
                 if let Err(e) = self.reclaim_locked(&mut inner, None) {
@@ -1049,7 +1071,7 @@ impl Spool {
         {
             return Ok(None);
         }
-        let bytes_before = disk_usage(&old.path);
+        let bytes_before = self.sled_disk_bytes(&old.path);
         let n = old.n + 1;
         let path = gen::gen_path(&self.dir, n);
         if path.exists() {
@@ -1064,16 +1086,15 @@ impl Spool {
         if stop == Some(ReclaimStop::AfterSwitch) {
             return Ok(None);
         }
-        let seen = DedupWindow::open(&new.db)?;
+        inner.seen.switch_db(&new.db)?;
         let new = Arc::new(new);
         match self.gen.lock() {
             Ok(mut g) => *g = new.clone(),
             Err(p) => *p.into_inner() = new.clone(),
         }
-        inner.seen = seen;
         drop(old);
         gen::remove_others(&self.dir, n)?;
-        let bytes_after = disk_usage(&new.path);
+        let bytes_after = self.sled_disk_bytes(&new.path);
         inner.reclaim_floor = bytes_after;
         log::info!(target: "spool", "reclaimed disk space after a drain: generation {n}, {keys} keys copied, {bytes_before} -> {bytes_after} bytes");
         Ok(Some(Reclaimed {

@@ -321,7 +321,7 @@ proptest! {
 }
 
 #[test]
-fn ids_seen_in_the_older_key_format_still_count_as_seen() {
+fn ids_seen_in_the_older_key_formats_still_count_as_seen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let guid = "80c7a0f5-77b1-4f0e-9a43-0c2b2f1e6d3a";
     {
@@ -333,6 +333,11 @@ fn ids_seen_in_the_older_key_format_still_count_as_seen() {
         t.insert(keys::seen_key(TENANT, "id-1"), &[])
             .expect("insert");
         t.insert(keys::seen_key(TENANT, guid), &[]).expect("insert");
+        // And what a version with format-2 keys left: yesterday's `seen2-<day>` tree.
+        db.open_tree(keys::seen2_tree_name(day_of(now_unix()) - 1))
+            .expect("tree")
+            .insert(keys::seen_key_v2(TENANT, "id-7"), &[])
+            .expect("insert");
         // Days older than the window, in both formats: dropped whole on open.
         let old = day_of(now_unix()) - 20;
         for name in [keys::seen_tree_name(old), keys::seen2_tree_name(old)] {
@@ -371,10 +376,15 @@ fn ids_seen_in_the_older_key_format_still_count_as_seen() {
         out.duplicates, 1,
         "a GUID Id seen in format 1 is a duplicate"
     );
-    // New Ids go to the compact format; both formats expire by day.
+    assert_eq!(
+        commit(&spool, "b3", &[7]).duplicates,
+        1,
+        "an Id seen in format 2 is a duplicate"
+    );
+    // New Ids go to format 3 (the log, then runs), not into sled trees; old formats expire by day.
     drop(spool);
     let spool = reopen(dir.path());
-    assert_eq!(commit(&spool, "b3", &[2]).duplicates, 1);
+    assert_eq!(commit(&spool, "b4", &[2]).duplicates, 1);
     let names: Vec<String> = spool
         .g()
         .db
@@ -382,7 +392,11 @@ fn ids_seen_in_the_older_key_format_still_count_as_seen() {
         .iter()
         .map(|n| String::from_utf8_lossy(n).into_owned())
         .collect();
-    assert!(names.iter().any(|n| n.starts_with("seen2-")), "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("seen2-")).count(),
+        1,
+        "{names:?}"
+    );
     let old = day_of(now_unix()) - 20;
     assert!(!names.contains(&keys::seen_tree_name(old)), "{names:?}");
     assert!(!names.contains(&keys::seen2_tree_name(old)), "{names:?}");
@@ -400,13 +414,20 @@ fn durable_state(spool: &Spool) -> (Option<Cursor>, bool, Figures, Vec<BatchDesc
     )
 }
 
-/// A spool with a cursor, a quarantined blob, dedup Ids and a drained FIFO whose last batch was 2.
+/// A spool with a cursor, a quarantined blob, dedup Ids (ids 0..512 in run files, the rest in the dedup
+/// log) and a drained FIFO whose last batch was 2.
 fn drained_spool(dir: &std::path::Path) -> Spool {
     let spool = Spool::open(dir, opts()).expect("open");
+    spool.lock().seen.set_mem_max_keys(256);
     assert_eq!(
-        commit(&spool, "b1", &(0..600).collect::<Vec<_>>()).spooled,
-        600
+        commit(&spool, "b1", &(0..512).collect::<Vec<_>>()).spooled,
+        512
     );
+    assert_eq!(
+        commit(&spool, "b1x", &(512..600).collect::<Vec<_>>()).spooled,
+        88
+    );
+    assert_eq!(spool.lock().seen.figures().0, 88, "88 Ids in the log");
     spool
         .set_cursor(
             TENANT,
@@ -456,9 +477,9 @@ fn check_after_reclaim(
 ) {
     assert_eq!(&durable_state(spool), before);
     assert_eq!(
-        commit(spool, "b2", &[5, 700]).duplicates,
-        1,
-        "dedup survived"
+        commit(spool, "b2", &[5, 599, 700]).duplicates,
+        2,
+        "dedup survived (an Id in a run file and one in the log)"
     );
     let (d, body) = spool
         .cut_batch(&limits(500), true)

@@ -29,22 +29,23 @@ fn dedup(c: &mut Criterion) {
         return;
     };
     let Ok(db) = sled::Config::new()
-        .path(dir.path().join("dedup"))
+        .path(dir.path().join("db"))
         .cache_capacity(8 << 20)
         .flush_every_ms(None)
         .open()
     else {
         return;
     };
-    let Ok(mut w) = DedupWindow::open(&db) else {
+    let Ok(main) = db.open_tree("main") else {
+        return;
+    };
+    let Ok(mut w) = DedupWindow::open(&db, &main, &dir.path().join("dedup")) else {
         return;
     };
     let recs = sample_records(90_000, 3);
     for (d, day) in recs.chunks(10_000).enumerate() {
         let keys: Vec<Vec<u8>> = day.iter().map(|r| seen_key_v2(TENANT, &r.id)).collect();
-        if w.insert_batch(20_000 + d as u32, keys.iter().map(Vec::as_slice))
-            .is_err()
-        {
+        if w.insert(20_000 + d as u32, &keys, &main).is_err() {
             return;
         }
     }
