@@ -55,17 +55,22 @@ include image/image.mk
 
 ## Benchmarks print figures; no test asserts a time (docs/BENCHMARKS.md). spool-bench measures the
 ## physical-limit baselines (plain-file append + fdatasync, sled, codecs, JSON) on the same disk (BENCH_DIR,
-## default target/bench-tmp) and prints every spool figure as a ratio to them; dedup-bench loads a dedup window of
-## 1 million record Ids (DEDUP_IDS=n; 10 million does not fit sled, see docs/BENCHMARKS.md); the criterion microbenchmarks time each stage briefly (BENCH_SECS each); the
-## multi-tenant run starts the release binaries (simulator, sensor, receiver); TENANTS=N changes its tenant
-## count (default 200).
+## default target/bench-tmp) and prints every spool figure as a ratio to them; dedup-bench loads a dedup
+## window of 10 million record Ids (DEDUP_IDS=n); the criterion microbenchmarks time each stage briefly
+## (BENCH_SECS each). The end-to-end runs start the release binaries (simulator, sensor, receiver): the
+## multi-tenant run with 5, then TENANTS (default 200) tenants; the drain run collects a backlog of
+## BACKLOG_MB (default 256; the issue's figure is 4096) during a backend outage, then drains it.
 BENCH_SECS ?= 2
+TENANTS ?= 200
+BACKLOG_MB ?= 256
 bench:
 	$(CARGO) build -q --release --workspace --bins
 	$(CARGO) run -q --release -p sensor-bench --bin spool-bench
 	$(CARGO) run -q --release -p sensor-bench --bin dedup-bench
 	$(CARGO) bench -q -p sensor-bench --bench stages -- --warm-up-time 1 --measurement-time $(BENCH_SECS)
-	$(CARGO) run -q --release -p sensor-blackbox --bin multi-tenant-bench
+	TENANTS=5 $(CARGO) run -q --release -p sensor-blackbox --bin multi-tenant-bench
+	TENANTS=$(TENANTS) $(CARGO) run -q --release -p sensor-blackbox --bin multi-tenant-bench
+	BACKLOG_MB=$(BACKLOG_MB) $(CARGO) run -q --release -p sensor-blackbox --bin drain-bench
 
 clean:
 	$(CARGO) clean

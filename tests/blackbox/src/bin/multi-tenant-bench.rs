@@ -11,31 +11,6 @@ use std::time::{Duration, Instant};
 
 use sensor_blackbox::*;
 
-/// Resident memory (VmRSS) and CPU seconds (utime + stime) of `pid`.
-fn sample(pid: u32) -> Option<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    Some((rss_kb * 1024, ticks / hz))
-}
-
-fn mib(b: u64) -> f64 {
-    b as f64 / (1024.0 * 1024.0)
-}
-
 fn main() -> anyhow::Result<()> {
     let tenants: u32 = std::env::var("TENANTS")
         .ok()
@@ -111,7 +86,7 @@ fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(900);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
-        if let Some((rss, _)) = sample(pid) {
+        if let Some((rss, _)) = proc_sample(pid) {
             peak_rss = peak_rss.max(rss);
         }
         let stored = rx.summary()?["unique_records"].as_u64().unwrap_or(0) as usize;
@@ -120,7 +95,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "  {:>4.0} s: {stored} records delivered, RSS {:.1} MiB",
                 started.elapsed().as_secs_f64(),
-                mib(sample(pid).map_or(0, |s| s.0))
+                mib(proc_sample(pid).map_or(0, |s| s.0))
             );
         }
         if stored >= expected_healthy && last_truth.elapsed() > Duration::from_secs(5) {
@@ -137,20 +112,20 @@ fn main() -> anyhow::Result<()> {
     }
     let t1_lag = sensor_status(d).map(|s| s["tenants"]["t1"]["lag_secs"].clone());
     // Steady state and idle: 30 s of polling with no new content.
-    let (_, cpu_before) = sample(pid).unwrap_or((0, 0.0));
+    let (_, cpu_before) = proc_sample(pid).unwrap_or((0, 0.0));
     let idle_from = Instant::now();
     let mut steady: Vec<u64> = Vec::new();
     while idle_from.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(500));
-        if let Some((rss, _)) = sample(pid) {
+        if let Some((rss, _)) = proc_sample(pid) {
             peak_rss = peak_rss.max(rss);
             steady.push(rss);
         }
     }
-    let (_, cpu_after) = sample(pid).unwrap_or((0, 0.0));
+    let (_, cpu_after) = proc_sample(pid).unwrap_or((0, 0.0));
     let idle_cpu = (cpu_after - cpu_before) / idle_from.elapsed().as_secs_f64();
     let v = wait_for_delivery(&sim, &rx, Duration::from_secs(600))?;
-    let (_, cpu_total) = sample(pid).unwrap_or((0, 0.0));
+    let (_, cpu_total) = proc_sample(pid).unwrap_or((0, 0.0));
     let delivered = v.delivered.max(1);
     steady.sort_unstable();
     let steady_rss = steady.get(steady.len() / 2).copied().unwrap_or(0);
