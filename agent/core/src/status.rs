@@ -154,6 +154,9 @@ pub struct SpoolFigures {
     pub raw_bytes: u64,
     /// `spool.max_bytes`.
     pub max_bytes: u64,
+    /// What `max_bytes` caps: the spool database's real disk use.
+    #[serde(default)]
+    pub disk_bytes: u64,
     /// Items in quarantine.
     pub quarantined: u64,
     /// Batches cut and not yet acknowledged.

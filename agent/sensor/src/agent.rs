@@ -90,6 +90,7 @@ pub fn status_document(
             bytes: f.stored_bytes,
             raw_bytes: f.pending_raw_bytes,
             max_bytes: spool.max_bytes(),
+            disk_bytes: spool.used_bytes(),
             quarantined: f.quarantined_items,
             batches: spool.pending_batches().map(|b| b.len() as u64).unwrap_or(0),
         },
@@ -108,14 +109,14 @@ fn update_spool_state(status: &StatusBoard, spool: &Spool) {
     let f = spool.figures();
     let ratio = spool.fill_ratio();
     let detail = Some(format!(
-        "{} records, {} of {} used",
+        "{} records, {} of {} on disk",
         f.pending_records,
-        sensor_relay::human_bytes(f.stored_bytes + f.quarantined_bytes),
+        sensor_relay::human_bytes(spool.used_bytes()),
         sensor_relay::human_bytes(spool.max_bytes())
     ));
     let state = if spool.is_full() {
         State::SpoolFull
-    } else if ratio >= 0.8 {
+    } else if ratio >= 0.8 && f.pending_records > 0 {
         State::SpoolHigh
     } else {
         State::Ok

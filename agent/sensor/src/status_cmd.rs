@@ -40,9 +40,10 @@ pub fn print_status(state_dir: &Path, json: bool) -> Result<i32> {
         doc.updated_at
     );
     println!(
-        "spool: {} records, {} stored of {} ({} batches in flight, {} quarantined)",
+        "spool: {} records ({} compressed), {} on disk of {} ({} batches in flight, {} quarantined)",
         doc.spool.records,
         sensor_relay::human_bytes(doc.spool.bytes),
+        sensor_relay::human_bytes(doc.spool.disk_bytes),
         sensor_relay::human_bytes(doc.spool.max_bytes),
         doc.spool.batches,
         doc.spool.quarantined

@@ -12,8 +12,9 @@
 //!   the batch exists, so every retry of a key carries the same records in the same order, also after a
 //!   crash or a power cut. Batch numbers never decrease and are never reused.
 //! - Records are deleted only by [`Spool::ack_batch`] (the backend stored them) or moved to quarantine by
-//!   [`Spool::quarantine_batch`]; nothing is ever dropped to make room. When the stored bytes reach
-//!   `max_bytes`, [`Spool::is_full`] is true and the collectors pause.
+//!   [`Spool::quarantine_batch`]; nothing is ever dropped to make room. When the spool's disk use
+//!   ([`Spool::used_bytes`]) reaches `max_bytes` while records are pending, [`Spool::is_full`] is true
+//!   and the collectors pause.
 //! - Recovery may resend batches (same key, same records) and may re-fetch a blob that was not committed;
 //!   it may never lose a committed record, move a cursor backwards or reuse a batch number.
 //!
@@ -712,23 +713,30 @@ impl Spool {
         self.max_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Changes the cap (configuration reload). Lowering it below the stored bytes pauses collection;
+    /// Changes the cap (configuration reload). Lowering it below the disk use pauses collection;
     /// nothing stored is dropped.
     pub fn set_max_bytes(&self, max_bytes: u64) {
         self.max_bytes
             .store(max_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether the stored bytes reached the cap (collection must pause).
-    pub fn is_full(&self) -> bool {
-        let f = self.figures();
-        f.stored_bytes + f.quarantined_bytes >= self.max_bytes()
+    /// What `max_bytes` caps: the bytes the spool's sled database really occupies on disk (records,
+    /// metadata, quarantine; its files only shrink when a drain is reclaimed). The dedup window's run
+    /// files are bounded by the window itself and do not count.
+    pub fn used_bytes(&self) -> u64 {
+        self.sled_disk_bytes(&self.g().path)
     }
 
-    /// Fill level in [0, 1+].
+    /// Whether collection must pause: records are pending and the spool's disk use reached the cap. With
+    /// nothing pending it is never full (the drain's reclaim gives the space back; a cap below what the
+    /// metadata alone takes must not stop collection for good).
+    pub fn is_full(&self) -> bool {
+        self.figures().pending_records > 0 && self.used_bytes() >= self.max_bytes()
+    }
+
+    /// Disk use against the cap, in [0, 1+].
     pub fn fill_ratio(&self) -> f64 {
-        let f = self.figures();
-        (f.stored_bytes + f.quarantined_bytes) as f64 / self.max_bytes().max(1) as f64
+        self.used_bytes() as f64 / self.max_bytes().max(1) as f64
     }
 
     /// Batches cut and not yet acknowledged, in sequence order (resent first after a restart).
@@ -898,7 +906,10 @@ impl Spool {
         inner.figures = figures;
         if inner.figures.pending_records == 0 {
             let disk = self.sled_disk_bytes(&self.g().path);
-            if disk >= RECLAIM_MIN_BYTES && disk >= inner.reclaim_floor.saturating_mul(2) {
+            let large = disk >= RECLAIM_MIN_BYTES && disk >= inner.reclaim_floor.saturating_mul(2);
+            // Near the cap (80 %: where the status warns), a drain is what gives collection its room back.
+            let capped = disk >= self.max_bytes() / 10 * 8 && disk > inner.reclaim_floor;
+            if large || capped {
                 // The ack itself is done: a failed reclaim leaves the old generation in use.
                 if let Err(e) = self.reclaim_locked(&mut inner, None) {
                     log::warn!(target: "spool", "reclaiming disk space after the drain failed: {e}");

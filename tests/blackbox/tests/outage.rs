@@ -1,5 +1,6 @@
-//! Reliability R4: the backend is down while the agent collects. The spool grows, collection pauses at
-//! `spool.max_bytes` (nothing dropped, the status says so), and everything drains once the backend is back.
+//! Reliability R4: the backend is down while the agent collects. The spool grows, collection pauses when
+//! its disk use reaches `spool.max_bytes` (nothing dropped, the status says so), and everything drains
+//! once the backend is back.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use serde_json::json;
 
 const TID: &str = "5e7e1516-28ae-4d2a-a6d2-15883a9b1d01";
 const CID: &str = "5e7e1516-28ae-4d2a-a6d2-15883a9b1da1";
-const MAX_BYTES: u64 = 1024 * 1024;
+const MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 #[test]
 fn collection_pauses_at_the_cap_and_everything_drains_after_the_outage() -> anyhow::Result<()> {
@@ -23,7 +24,7 @@ fn collection_pauses_at_the_cap_and_everything_drains_after_the_outage() -> anyh
             r#"
 history_hours = 24
 history_blobs_per_hour = 4
-records_per_blob = 40
+records_per_blob = 80
 live_blob_interval_ms = 0
 "#,
         ),
@@ -46,10 +47,11 @@ live_blob_interval_ms = 0
         "the spool to fill and collection to pause",
         || sensor_status(dir.path()).filter(|s| s["components"]["spool"]["state"] == "spool_full"),
     )?;
-    let stored = full["spool"]["bytes"].as_u64().unwrap_or(0);
+    // sled grows its file by segments: one commit can overshoot the cap by about one.
+    let disk = full["spool"]["disk_bytes"].as_u64().unwrap_or(0);
     assert!(
-        (MAX_BYTES..MAX_BYTES + 256 * 1024).contains(&stored),
-        "stored {stored} bytes against a cap of {MAX_BYTES}"
+        (MAX_BYTES..MAX_BYTES + 2 * 1024 * 1024).contains(&disk),
+        "{disk} bytes on disk against a cap of {MAX_BYTES}"
     );
     assert_eq!(
         full["components"]["backend"]["state"], "backend_unreachable",
@@ -92,6 +94,12 @@ live_blob_interval_ms = 0
     let drained = wait_for(Duration::from_secs(30), "the spool to drain", || {
         sensor_status(dir.path())
             .filter(|s| s["spool"]["records"] == 0 && s["components"]["spool"]["state"] == "ok")
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; the last status: {:#}",
+            sensor_status(dir.path()).unwrap_or_default()
+        )
     })?;
     assert_eq!(drained["components"]["backend"]["state"], "ok");
     Ok(())
