@@ -236,17 +236,8 @@ impl Run {
         drop(file);
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
         crate::gen::sync_dir(dir)?;
-        let file = File::open(&path).map_err(io_err(&path))?;
-        Ok(Run {
-            day,
-            seq,
-            keys: count,
-            path,
-            file,
-            data_len: off,
-            index,
-            bloom,
-        })
+        // Reading it back checks what was written, as every later open will.
+        Run::open(dir, day, seq)
     }
 
     /// Opens run `seq` of `day` in `dir`: reads its trailer, index and filter. A file that is not a

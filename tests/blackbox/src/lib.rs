@@ -702,3 +702,87 @@ pub fn proc_sample(pid: u32) -> Option<(u64, f64)> {
 pub fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
+
+/// The history every generated tenant of a benchmark gets from the simulator.
+pub struct GeneratedHistory {
+    /// Hours of history (also the sensor's `backfill_hours`).
+    pub hours: u32,
+    /// Blobs per hour and content type.
+    pub blobs_per_hour: u32,
+    /// Records per blob.
+    pub records_per_blob: u64,
+    /// Content entries per listing page.
+    pub page_size: u32,
+}
+
+/// The tenant id of generated tenant `i` (`t<i>`).
+pub fn generated_tenant_id(i: u32) -> String {
+    format!("00000000-0000-4000-8000-{i:012}")
+}
+
+/// The rig of the end-to-end benchmarks in `d`: a simulator serving `tenants` generated tenants `t1..tN`
+/// (every content type, history `h`, one shared secret), a receiver, and the sensor's configuration
+/// naming them all (poll every 30 s, `request_timeout_secs`, `spool_toml` lines in `[spool]` after an
+/// 8 MiB cache). Returns the simulator, the receiver and the configuration's path.
+pub fn generated_tenants_rig(
+    d: &Path,
+    tenants: u32,
+    h: &GeneratedHistory,
+    request_timeout_secs: u64,
+    spool_toml: &str,
+) -> Result<(Sim, Receiver, PathBuf)> {
+    let cts: Vec<String> = ALL_CONTENT_TYPES
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect();
+    let cts = cts.join(", ");
+    let scenario = format!(
+        "generation = false\n[generate_tenants]\ncount = {tenants}\nsecret = \"bench-secret\"\n[generate_tenants.template]\ncontent_types = [{cts}]\nhistory_hours = {}\nhistory_blobs_per_hour = {}\nrecords_per_blob = {}\npage_size = {}\n",
+        h.hours, h.blobs_per_hour, h.records_per_blob, h.page_size
+    );
+    let sim = Sim::start(d, &scenario)?;
+    let rx = Receiver::start(d)?;
+    let secret = d.join("bench.secret");
+    std::fs::write(&secret, "bench-secret")?;
+    set_mode(&secret, 0o600)?;
+    let mut cfg = format!(
+        "state_dir = \"{}\"\n[management]\nheartbeat_secs = 60\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n[spool]\ncache_bytes = 8388608\n{spool_toml}\n",
+        d.join("state").display(),
+        rx.url,
+        rx.token_file.display(),
+        rx.ca_file.display()
+    );
+    for i in 1..=tenants {
+        cfg.push_str(&format!(
+            "[[tenant]]\nname = \"t{i}\"\ntenant_id = \"{}\"\nclient_id = \"00000000-0000-4000-9000-{i:012}\"\nclient_secret_file = \"{}\"\ncontent_types = [{cts}]\nbackfill_hours = {}\npoll_interval_secs = 30\nlogin_url = \"{}\"\napi_url = \"{}\"\nca_file = \"{}\"\nrequest_timeout_secs = {request_timeout_secs}\n",
+            generated_tenant_id(i),
+            secret.display(),
+            h.hours,
+            sim.url,
+            sim.url,
+            sim.ca_file.display()
+        ));
+    }
+    let config = d.join("sensor.toml");
+    std::fs::write(&config, cfg)?;
+    Ok((sim, rx, config))
+}
+
+/// Prints the bytes on the wire per delivered record (from the receiver's `summary`) and the verdict:
+/// the last lines of an end-to-end benchmark.
+pub fn print_wire_and_verdict(summary: &Value, v: &Verdict) {
+    let delivered = v.delivered.max(1) as f64;
+    println!(
+        "  wire bytes per record:        {:.0} (compressed), {:.0} (uncompressed)",
+        summary["bytes_compressed"].as_f64().unwrap_or(0.0) / delivered,
+        summary["bytes_decompressed"].as_f64().unwrap_or(0.0) / delivered
+    );
+    println!(
+        "  verdict: {}",
+        if v.is_exact() {
+            "exact".to_string()
+        } else {
+            describe(v)
+        }
+    );
+}

@@ -48,6 +48,15 @@ fn watch(
     Ok((started.elapsed(), peak, cpu))
 }
 
+/// Prints a phase's peak RSS and CPU, also per 100k of its `records`.
+fn print_cost(peak_rss: u64, cpu_secs: f64, records: u64) {
+    println!(
+        "    peak RSS {:.1} MiB, CPU {cpu_secs:.1} s ({:.2} s per 100k records)",
+        mib(peak_rss),
+        cpu_secs * 100_000.0 / records.max(1) as f64
+    );
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -65,40 +74,20 @@ fn main() -> anyhow::Result<()> {
         .max(1);
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
     let d = dir.path();
-    let cts: Vec<String> = ALL_CONTENT_TYPES
-        .iter()
-        .map(|c| format!("\"{c}\""))
-        .collect();
-    let scenario = format!(
-        "generation = false\n[generate_tenants]\ncount = {tenants}\nsecret = \"bench-secret\"\n[generate_tenants.template]\ncontent_types = [{cts}]\nhistory_hours = 24\nhistory_blobs_per_hour = 4\nrecords_per_blob = {records_per_blob}\npage_size = 100\n",
-        cts = cts.join(", ")
-    );
-    let sim = Sim::start(d, &scenario)?;
-    let rx = Receiver::start(d)?;
+    let history = GeneratedHistory {
+        hours: 24,
+        blobs_per_hour: 4,
+        records_per_blob,
+        page_size: 100,
+    };
+    let (sim, rx, config) = generated_tenants_rig(
+        d,
+        tenants,
+        &history,
+        30,
+        &format!("max_bytes = {}", 64u64 << 30),
+    )?;
     rx.control("/_rx/down", serde_json::json!({"indefinitely": true}))?;
-    let secret = d.join("bench.secret");
-    std::fs::write(&secret, "bench-secret")?;
-    set_mode(&secret, 0o600)?;
-    let mut cfg = format!(
-        "state_dir = \"{}\"\n[management]\nheartbeat_secs = 60\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n[spool]\ncache_bytes = 8388608\nmax_bytes = {}\n",
-        d.join("state").display(),
-        rx.url,
-        rx.token_file.display(),
-        rx.ca_file.display(),
-        64u64 << 30
-    );
-    for i in 1..=tenants {
-        cfg.push_str(&format!(
-            "[[tenant]]\nname = \"t{i}\"\ntenant_id = \"00000000-0000-4000-8000-{i:012}\"\nclient_id = \"00000000-0000-4000-9000-{i:012}\"\nclient_secret_file = \"{}\"\ncontent_types = [{}]\nbackfill_hours = 24\npoll_interval_secs = 30\nlogin_url = \"{}\"\napi_url = \"{}\"\nca_file = \"{}\"\nrequest_timeout_secs = 30\n",
-            secret.display(),
-            cts.join(", "),
-            sim.url,
-            sim.url,
-            sim.ca_file.display()
-        ));
-    }
-    let config = d.join("sensor.toml");
-    std::fs::write(&config, cfg)?;
     let expected: u64 = sim.truth()?["tenants"]
         .as_object()
         .map(|m| {
@@ -135,12 +124,7 @@ fn main() -> anyhow::Result<()> {
         expected as f64 / t_in.as_secs_f64(),
         raw_live as f64 / 1e6 / t_in.as_secs_f64()
     );
-    println!(
-        "    peak RSS {:.1} MiB, CPU {:.1} s ({:.2} s per 100k records)",
-        mib(peak_in),
-        cpu_in,
-        cpu_in * 100_000.0 / expected.max(1) as f64
-    );
+    print_cost(peak_in, cpu_in, expected);
     println!(
         "    spool on disk: {:.1} MiB = {:.2}x the live JSON ({:.1} MiB stored compressed)",
         mib(disk_full),
@@ -169,12 +153,7 @@ fn main() -> anyhow::Result<()> {
         expected as f64 / drain.as_secs_f64(),
         raw_live as f64 / 1e6 / drain.as_secs_f64()
     );
-    println!(
-        "    peak RSS {:.1} MiB, CPU {:.1} s ({:.2} s per 100k records)",
-        mib(peak_out),
-        cpu_out,
-        cpu_out * 100_000.0 / expected.max(1) as f64
-    );
+    print_cost(peak_out, cpu_out, expected);
     // Reclaim runs once nothing is pending; give it a few seconds.
     let mut disk_after = sensor_spool::disk_usage(&spool_dir);
     let settle = Instant::now();
@@ -189,24 +168,11 @@ fn main() -> anyhow::Result<()> {
     );
     let summary = rx.summary()?;
     let v = wait_for_delivery(&sim, &rx, Duration::from_secs(600))?;
-    let delivered = v.delivered.max(1) as f64;
-    println!(
-        "  wire bytes per record:        {:.0} (compressed), {:.0} (uncompressed)",
-        summary["bytes_compressed"].as_f64().unwrap_or(0.0) / delivered,
-        summary["bytes_decompressed"].as_f64().unwrap_or(0.0) / delivered
-    );
     println!(
         "  steady RSS after the drain:   {:.1} MiB",
         mib(proc_sample(pid).map_or(0, |s| s.0))
     );
-    println!(
-        "  verdict: {}",
-        if v.is_exact() {
-            "exact".to_string()
-        } else {
-            describe(&v)
-        }
-    );
+    print_wire_and_verdict(&summary, &v);
     drop(sensor);
     Ok(())
 }

@@ -18,42 +18,14 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(200);
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
     let d = dir.path();
-    let cts: Vec<String> = ALL_CONTENT_TYPES
-        .iter()
-        .map(|c| format!("\"{c}\""))
-        .collect();
-    let scenario = format!(
-        "generation = false\n[generate_tenants]\ncount = {tenants}\nsecret = \"bench-secret\"\n[generate_tenants.template]\ncontent_types = [{cts}]\nhistory_hours = 12\nhistory_blobs_per_hour = 1\nrecords_per_blob = 10\npage_size = 50\n",
-        cts = cts.join(", ")
-    );
-    let sim = Sim::start(d, &scenario)?;
-    let rx = Receiver::start(d)?;
-    let tid = |i: u32| format!("00000000-0000-4000-8000-{i:012}");
-    let cid = |i: u32| format!("00000000-0000-4000-9000-{i:012}");
-    let secret = d.join("bench.secret");
-    std::fs::write(&secret, "bench-secret")?;
-    set_mode(&secret, 0o600)?;
-    let mut cfg = format!(
-        "state_dir = \"{}\"\n[management]\nheartbeat_secs = 60\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n[spool]\ncache_bytes = 8388608\n",
-        d.join("state").display(),
-        rx.url,
-        rx.token_file.display(),
-        rx.ca_file.display()
-    );
-    for i in 1..=tenants {
-        cfg.push_str(&format!(
-            "[[tenant]]\nname = \"t{i}\"\ntenant_id = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\ncontent_types = [{}]\nbackfill_hours = 12\npoll_interval_secs = 30\nlogin_url = \"{}\"\napi_url = \"{}\"\nca_file = \"{}\"\nrequest_timeout_secs = 10\n",
-            tid(i),
-            cid(i),
-            secret.display(),
-            cts.join(", "),
-            sim.url,
-            sim.url,
-            sim.ca_file.display()
-        ));
-    }
-    let config = d.join("sensor.toml");
-    std::fs::write(&config, cfg)?;
+    let history = GeneratedHistory {
+        hours: 12,
+        blobs_per_hour: 1,
+        records_per_blob: 10,
+        page_size: 50,
+    };
+    let (sim, rx, config) = generated_tenants_rig(d, tenants, &history, 10, "")?;
+    let tid = generated_tenant_id;
     // Tenant 1 misbehaves: AF429 on every other request (Retry-After 2 s), every answer 1.5 s late.
     sim.set_faults(
         &tid(1),
@@ -157,19 +129,7 @@ fn main() -> anyhow::Result<()> {
         "  idle CPU ({tenants} tenants polling every 30 s): {:.1} % of a core",
         idle_cpu * 100.0
     );
-    println!(
-        "  wire bytes per record:        {:.0} (compressed), {:.0} (uncompressed)",
-        summary["bytes_compressed"].as_f64().unwrap_or(0.0) / delivered as f64,
-        summary["bytes_decompressed"].as_f64().unwrap_or(0.0) / delivered as f64
-    );
-    println!(
-        "  verdict: {}",
-        if v.is_exact() {
-            "exact".to_string()
-        } else {
-            describe(&v)
-        }
-    );
+    print_wire_and_verdict(&summary, &v);
     drop(sensor);
     Ok(())
 }
