@@ -176,16 +176,16 @@ impl DedupWindow {
         (log_key(day, self.next_log), v)
     }
 
-    /// After the transaction holding [`DedupWindow::log_entry`] committed: the keys count as seen, and
-    /// when memory is full they are written out as runs (`main`: where the log entries are deleted).
-    pub fn logged(
-        &mut self,
-        day: u32,
-        keys: &[Vec<u8>],
-        main: &sled::Tree,
-    ) -> Result<(), SpoolError> {
+    /// After the transaction holding [`DedupWindow::log_entry`] committed: the keys count as seen.
+    pub fn logged(&mut self, day: u32, keys: &[Vec<u8>]) {
         self.next_log += 1;
         self.remember(day, keys.iter().map(Vec::as_slice));
+    }
+
+    /// When memory holds [`MEM_MAX_KEYS`] keys, writes them out as runs ([`DedupWindow::write_runs`]).
+    /// Only once the log entries of every key in memory are durable: a run file is never ahead of the
+    /// blobs whose keys it holds.
+    pub fn write_runs_if_full(&mut self, main: &sled::Tree) -> Result<(), SpoolError> {
         if self.mem_keys >= self.mem_max_keys {
             self.write_runs(main)?;
         }
@@ -297,7 +297,8 @@ impl DedupWindow {
     ) -> Result<(), SpoolError> {
         let (k, v) = self.log_entry(day, keys);
         main.insert(k, v)?;
-        self.logged(day, keys, main)
+        self.logged(day, keys);
+        self.write_runs_if_full(main)
     }
 
     /// Drops every day before `oldest_kept`: its runs are deleted, its keys in memory and its log

@@ -269,6 +269,9 @@ pub struct Spool {
     opts: SpoolOptions,
     max_bytes: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
+    /// Tests: the next durability point fails once, as an fdatasync error would.
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 struct Inner {
@@ -392,6 +395,8 @@ impl Spool {
             _lock: lock,
             max_bytes: std::sync::atomic::AtomicU64::new(opts.max_bytes),
             opts,
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 next_chunk,
                 next_batch,
@@ -424,6 +429,16 @@ impl Spool {
 
     /// The durability point: sled's flush, then a real fdatasync of its data file.
     fn make_durable(&self, what: &str) -> Result<(), SpoolError> {
+        #[cfg(test)]
+        if self
+            .fail_next_sync
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(SpoolError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other("injected fdatasync failure"),
+            });
+        }
         let g = self.g();
         g.db.flush()?;
         g.sync_file
@@ -517,14 +532,21 @@ impl Spool {
             TransactionError::Storage(e) => SpoolError::Db(e),
             TransactionError::Abort(()) => SpoolError::Corrupt("transaction aborted".into()),
         })?;
-        self.make_durable(&format!("blob {source} {}", c.content_id))?;
-        if !new_ids.is_empty() {
-            inner.seen.logged(today, &new_ids, &g.main)?;
-        }
+        // The transaction is applied: the memory follows it before anything can fail, or the next
+        // commit would reuse its chunk numbers. A failed fdatasync returns an error below; the next
+        // successful one makes this transaction durable too (sled flushes everything).
         inner.next_chunk = next_chunk;
         inner.figures = figures;
         if spooled > 0 && inner.oldest_unbatched.is_none() {
             inner.oldest_unbatched = Some(Instant::now());
+        }
+        if !new_ids.is_empty() {
+            inner.seen.logged(today, &new_ids);
+        }
+        self.make_durable(&format!("blob {source} {}", c.content_id))?;
+        if let Err(e) = inner.seen.write_runs_if_full(&g.main) {
+            // The keys stay in memory and in the log: nothing is lost, the next commit tries again.
+            log::warn!(target: "spool", "writing the dedup window's run files failed: {e}");
         }
         Ok(CommitOutcome {
             spooled,
@@ -651,9 +673,9 @@ impl Spool {
             batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
         }
         self.g().main.apply_batch(batch)?;
-        self.make_durable(&format!("done {source} {content_id}"))?;
         inner.figures = figures;
         inner.next_quarantine = next_q;
+        self.make_durable(&format!("done {source} {content_id}"))?;
         Ok(())
     }
 
@@ -879,11 +901,12 @@ impl Spool {
         );
         batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
         self.g().main.apply_batch(batch)?;
-        self.make_durable(&format!("batch {}", desc.seq))?;
+        // Applied: the memory follows before the fdatasync can fail (see commit_blob).
         inner.next_batch = desc.seq + 1;
         inner.batch_pos = end;
         inner.oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
         inner.figures = figures;
+        self.make_durable(&format!("batch {}", desc.seq))?;
         Ok(Some((desc, lines)))
     }
 
@@ -901,9 +924,9 @@ impl Spool {
         self.free_chunks(&inner, seq, &mut batch, &mut figures)?;
         batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
         self.g().main.apply_batch(batch)?;
+        inner.figures = figures;
         // A lost deletion only causes a resend, answered 409: sled's flush suffices here.
         self.g().db.flush()?;
-        inner.figures = figures;
         if inner.figures.pending_records == 0 {
             let disk = self.sled_disk_bytes(&self.g().path);
             let large = disk >= RECLAIM_MIN_BYTES && disk >= inner.reclaim_floor.saturating_mul(2);
@@ -995,8 +1018,8 @@ impl Spool {
             (b.seq + 1).to_be_bytes().to_vec(),
         );
         self.g().main.apply_batch(batch)?;
-        self.make_durable(&format!("split batch {seq} into {} and {}", a.seq, b.seq))?;
         inner.next_batch = b.seq + 1;
+        self.make_durable(&format!("split batch {seq} into {} and {}", a.seq, b.seq))?;
         Ok(Some((a, b)))
     }
 
@@ -1033,9 +1056,9 @@ impl Spool {
         self.free_chunks(&inner, seq, &mut batch, &mut figures)?;
         batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
         self.g().main.apply_batch(batch)?;
-        self.make_durable(&format!("quarantine batch {seq}"))?;
         inner.next_quarantine += 1;
         inner.figures = figures;
+        self.make_durable(&format!("quarantine batch {seq}"))?;
         Ok(())
     }
 

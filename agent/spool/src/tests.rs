@@ -597,3 +597,56 @@ fn the_cap_counts_disk_use_and_a_drain_gives_the_room_back() {
         spool.used_bytes()
     );
 }
+
+/// A durability point that fails after its change was applied (an fdatasync error) must not make the
+/// next step reuse a chunk, batch or quarantine number: nothing committed is overwritten.
+#[test]
+fn a_failed_fdatasync_never_lets_the_next_step_overwrite_what_was_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    let fail_next = || {
+        spool
+            .fail_next_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst)
+    };
+    fail_next();
+    let bytes: Vec<(String, Vec<u8>)> = (0..3).map(|i| (format!("id-{i}"), record(i))).collect();
+    let recs: Vec<RawRecord<'_>> = bytes
+        .iter()
+        .map(|(id, b)| RawRecord { id, bytes: b })
+        .collect();
+    let first = spool.commit_blob(&BlobCommit {
+        tenant_id: TENANT,
+        content_type: "Audit.General",
+        content_id: "b1",
+        expires_unix: now_unix() + 86_400,
+        collected_at: "2026-11-25T10:00:00Z",
+        records: &recs,
+        cursor: None,
+    });
+    assert!(first.is_err(), "the injected failure is reported");
+    assert_eq!(commit(&spool, "b2", &[10, 11]).spooled, 2);
+    fail_next();
+    assert!(spool.cut_batch(&limits(2), true).is_err());
+    let (second, _) = spool
+        .cut_batch(&limits(100), true)
+        .expect("cut")
+        .expect("a batch");
+    assert_eq!(
+        second.seq, 2,
+        "batch 1 was applied; its number is not reused"
+    );
+    let mut ids = Vec::new();
+    for desc in spool.pending_batches().expect("batches") {
+        ids.extend(ids_of(&spool.read_batch(&desc).expect("read")));
+    }
+    let want: Vec<String> = [0, 1, 2, 10, 11]
+        .iter()
+        .map(|i| format!("id-{i}"))
+        .collect();
+    assert_eq!(ids, want, "b1's records survived b2's commit");
+    drop(spool);
+    // After a restart (sled flushes on close), everything is there once.
+    let spool = reopen(dir.path());
+    assert_eq!(spool.figures().pending_records, 5);
+}
