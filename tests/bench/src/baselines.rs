@@ -47,7 +47,7 @@ pub struct Baselines {
     pub sled_chunk_in: f64,
     /// zstd level 1.
     pub zstd1: Codec,
-    /// zstd level 3 (the relay's default).
+    /// zstd level 3.
     pub zstd3: Codec,
     /// gzip level 6 (flate2 with zlib-rs, the relay's gzip).
     pub gzip6: Codec,
