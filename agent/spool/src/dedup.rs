@@ -168,18 +168,18 @@ impl DedupWindow {
 
     /// The log entry (key, value) that records `keys` as inserted on `day`: the caller writes it in the
     /// transaction that spools their records, then calls [`DedupWindow::logged`].
-    pub fn log_entry(&self, day: u32, keys: &[Vec<u8>]) -> ([u8; 13], Vec<u8>) {
-        let mut v = Vec::with_capacity(keys.iter().map(|k| k.len() + 1).sum());
+    pub fn log_entry<K: AsRef<[u8]>>(&self, day: u32, keys: &[K]) -> ([u8; 13], Vec<u8>) {
+        let mut v = Vec::with_capacity(keys.iter().map(|k| k.as_ref().len() + 1).sum());
         for k in keys {
-            runs::put_key(&mut v, k);
+            runs::put_key(&mut v, k.as_ref());
         }
         (log_key(day, self.next_log), v)
     }
 
     /// After the transaction holding [`DedupWindow::log_entry`] committed: the keys count as seen.
-    pub fn logged(&mut self, day: u32, keys: &[Vec<u8>]) {
+    pub fn logged<K: AsRef<[u8]>>(&mut self, day: u32, keys: &[K]) {
         self.next_log += 1;
-        self.remember(day, keys.iter().map(Vec::as_slice));
+        self.remember(day, keys.iter().map(AsRef::as_ref));
     }
 
     /// When memory holds [`MEM_MAX_KEYS`] keys, writes them out as runs ([`DedupWindow::write_runs`]).

@@ -99,53 +99,83 @@ pub const SEEN_TEXT: u8 = 0;
 /// Compatibility: a version that knows only format 1 ignores `seen2-*` trees, so a downgrade can deliver
 /// a duplicate within the window but never loses a record.
 pub fn seen_key_v2(tenant_id: &str, record_id: &str) -> Vec<u8> {
-    match (guid_bytes(tenant_id), guid_bytes(record_id)) {
-        (Some(t), Some(r)) => {
-            let mut k = Vec::with_capacity(33);
-            k.push(SEEN_GUIDS);
-            k.extend_from_slice(&t);
-            k.extend_from_slice(&r);
-            k
+    SeenKeys::new(tenant_id).key(record_id)
+}
+
+/// [`seen_key_v2`] for many record Ids of one tenant: the tenant's part is worked out once.
+pub struct SeenKeys<'t> {
+    tenant_id: &'t str,
+    tenant_guid: Option<[u8; 16]>,
+}
+
+impl<'t> SeenKeys<'t> {
+    /// The keys of `tenant_id`'s records.
+    pub fn new(tenant_id: &'t str) -> SeenKeys<'t> {
+        SeenKeys {
+            tenant_id,
+            tenant_guid: guid_bytes(tenant_id),
         }
-        _ => {
-            let mut k = Vec::with_capacity(2 + tenant_id.len() + record_id.len());
-            k.push(SEEN_TEXT);
-            k.extend_from_slice(tenant_id.as_bytes());
-            k.push(0);
-            k.extend_from_slice(record_id.as_bytes());
-            k
+    }
+
+    /// [`seen_key_v2`] of (the tenant, `record_id`).
+    pub fn key(&self, record_id: &str) -> Vec<u8> {
+        match (self.tenant_guid, guid_bytes(record_id)) {
+            (Some(t), Some(r)) => {
+                let mut k = Vec::with_capacity(33);
+                k.push(SEEN_GUIDS);
+                k.extend_from_slice(&t);
+                k.extend_from_slice(&r);
+                k
+            }
+            _ => {
+                let mut k = Vec::with_capacity(2 + self.tenant_id.len() + record_id.len());
+                k.push(SEEN_TEXT);
+                k.extend_from_slice(self.tenant_id.as_bytes());
+                k.push(0);
+                k.extend_from_slice(record_id.as_bytes());
+                k
+            }
         }
     }
 }
 
+/// Hex digit values; 0xff for anything else (uppercase included: it is another string).
+const HEX: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
 /// The 16 bytes of a canonical lowercase GUID (`8-4-4-4-12` hex digits, lowercase), else `None`.
 fn guid_bytes(s: &str) -> Option<[u8; 16]> {
     let b = s.as_bytes();
-    if b.len() != 36 {
+    if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
         return None;
     }
     let mut out = [0u8; 16];
-    let mut n = 0;
-    let mut hi: Option<u8> = None;
-    for (i, &c) in b.iter().enumerate() {
+    let (mut i, mut n) = (0, 0);
+    // Every group has an even length and starts after a dash: digit pairs never straddle one.
+    while i < 36 {
         if matches!(i, 8 | 13 | 18 | 23) {
-            if c != b'-' {
-                return None;
-            }
+            i += 1;
             continue;
         }
-        let v = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            _ => return None,
-        };
-        match hi.take() {
-            None => hi = Some(v),
-            Some(h) => {
-                out[n] = h << 4 | v;
-                n += 1;
-            }
+        let (h, l) = (HEX[b[i] as usize], HEX[b[i + 1] as usize]);
+        if (h | l) > 15 {
+            return None;
         }
+        out[n] = h << 4 | l;
+        n += 1;
+        i += 2;
     }
     Some(out)
 }
@@ -189,6 +219,15 @@ mod tests {
         let k = seen_key_v2(t, id);
         assert_eq!(k.len(), 33);
         assert_eq!(k[0], SEEN_GUIDS);
+        // The on-disk encoding: the GUIDs' 16 bytes in text order.
+        assert_eq!(
+            &k[1..17],
+            &0x2b7e1516_28ae_4d2a_a6d2_15883a9b1d01u128.to_be_bytes()
+        );
+        assert_eq!(
+            &k[17..],
+            &0x80c7a0f5_77b1_4f0e_9a43_0c2b2f1e6d3au128.to_be_bytes()
+        );
         // An uppercase variant is another string: it must not share the key.
         assert_ne!(seen_key_v2(t, &id.to_uppercase()), k);
         assert_eq!(seen_key_v2(t, &id.to_uppercase())[0], SEEN_TEXT);
@@ -238,6 +277,12 @@ mod tests {
         ) {
             let t = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
             let ids = [guid(a, ua), guid(b, ub), guid(a, !ua), text];
+            let many = SeenKeys::new(t);
+            for x in &ids {
+                proptest::prop_assert_eq!(many.key(x), seen_key_v2(t, x));
+            }
+            let k = seen_key_v2(t, &guid(a, false));
+            proptest::prop_assert_eq!(&k[17..], &a.to_be_bytes()[..], "a lowercase GUID packs to its bytes");
             for x in &ids {
                 for y in &ids {
                     if x != y {

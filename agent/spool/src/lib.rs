@@ -453,8 +453,10 @@ impl Spool {
     pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
         let mut inner = self.lock();
         let today = day_of(now_unix());
-        let mut new_ids: Vec<Vec<u8>> = Vec::new();
-        let mut in_blob: HashSet<Vec<u8>> = HashSet::new();
+        let seen_keys = keys::SeenKeys::new(c.tenant_id);
+        let all_keys: Vec<Vec<u8>> = c.records.iter().map(|r| seen_keys.key(r.id)).collect();
+        let mut new_ids: Vec<&[u8]> = Vec::with_capacity(all_keys.len());
+        let mut in_blob: HashSet<&[u8]> = HashSet::with_capacity(all_keys.len());
         let mut duplicates = 0u64;
         let appended = now_ms();
         let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -462,13 +464,13 @@ impl Spool {
         let mut in_chunk = 0u32;
         let mut raw_total = 0u64;
         let mut next_chunk = inner.next_chunk;
-        for r in c.records {
-            let key = keys::seen_key_v2(c.tenant_id, r.id);
-            if in_blob.contains(&key) || inner.seen.contains(&key, c.tenant_id, r.id)? {
+        for (r, key) in c.records.iter().zip(&all_keys) {
+            // A repeat within the blob, or an Id of the window (remembered here too: later repeats of it
+            // in this blob are duplicates either way).
+            if !in_blob.insert(key) || inner.seen.contains(key, c.tenant_id, r.id)? {
                 duplicates += 1;
                 continue;
             }
-            in_blob.insert(key.clone());
             new_ids.push(key);
             sensor_core::envelope::write_envelope(
                 &mut lines,
