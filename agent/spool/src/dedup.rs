@@ -66,6 +66,21 @@ impl Legacy {
     }
 }
 
+/// Drops the day trees of `days` older than `oldest_kept` (tree names by `name`); returns their days.
+fn drop_days_before(
+    db: &sled::Db,
+    days: &mut BTreeMap<u32, sled::Tree>,
+    oldest_kept: u32,
+    name: fn(u32) -> String,
+) -> Result<Vec<u32>, SpoolError> {
+    let old: Vec<u32> = days.range(..oldest_kept).map(|(d, _)| *d).collect();
+    for d in &old {
+        days.remove(d);
+        db.drop_tree(name(*d))?;
+    }
+    Ok(old)
+}
+
 /// The log key of entry `seq` of `day`: `L` + day (u32 BE) + seq (u64 BE).
 fn log_key(day: u32, seq: u64) -> [u8; 13] {
     let mut k = [0u8; 13];
@@ -332,22 +347,10 @@ impl DedupWindow {
             main.apply_batch(batch)?;
         }
         let l = &mut self.legacy;
-        for d in
-            l.v2.range(..oldest_kept)
-                .map(|(d, _)| *d)
-                .collect::<Vec<_>>()
-        {
-            l.v2.remove(&d);
-            l.db.drop_tree(keys::seen2_tree_name(d))?;
+        for d in drop_days_before(&l.db, &mut l.v2, oldest_kept, keys::seen2_tree_name)? {
             days.insert(d);
         }
-        for d in
-            l.v1.range(..oldest_kept)
-                .map(|(d, _)| *d)
-                .collect::<Vec<_>>()
-        {
-            l.v1.remove(&d);
-            l.db.drop_tree(keys::seen_tree_name(d))?;
+        for d in drop_days_before(&l.db, &mut l.v1, oldest_kept, keys::seen_tree_name)? {
             days.insert(d);
         }
         Ok(days.len())
@@ -381,16 +384,28 @@ impl DedupWindow {
         d
     }
 
-    /// Figures for benchmarks and the status: (keys in memory, runs, keys in runs, bytes of memory the
-    /// runs' indexes and filters take).
-    pub fn figures(&self) -> (usize, usize, u64, usize) {
-        (
-            self.mem_keys,
-            self.runs.len(),
-            self.runs.iter().map(|r| r.keys).sum(),
-            self.runs.iter().map(Run::memory).sum(),
-        )
+    /// What the window holds, for benchmarks and tests.
+    pub fn figures(&self) -> WindowFigures {
+        WindowFigures {
+            keys_in_memory: self.mem_keys,
+            runs: self.runs.len(),
+            keys_in_runs: self.runs.iter().map(|r| r.keys).sum(),
+            run_memory_bytes: self.runs.iter().map(Run::memory).sum(),
+        }
     }
+}
+
+/// What a [`DedupWindow`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowFigures {
+    /// Keys logged and held in memory, not yet in a run file.
+    pub keys_in_memory: usize,
+    /// Run files.
+    pub runs: usize,
+    /// Keys in run files (a key can be in two runs after a crash between a merge and its deletions).
+    pub keys_in_runs: u64,
+    /// Memory the runs' indexes and filters take.
+    pub run_memory_bytes: usize,
 }
 
 #[cfg(test)]
@@ -447,9 +462,9 @@ mod tests {
                 let k = key(i);
                 prop_assert_eq!(w.contains(&k, "t", "").expect("contains"), model.contains(&k), "key {}", i);
             }
-            let (_, runs, in_runs, _) = w.figures();
-            prop_assert!(runs <= 3 * 8, "runs are merged: {} runs", runs);
-            prop_assert!(in_runs as usize <= model.len() * 2);
+            let f = w.figures();
+            prop_assert!(f.runs <= 3 * 8, "runs are merged: {} runs", f.runs);
+            prop_assert!(f.keys_in_runs as usize <= model.len() * 2);
         }
     }
 
@@ -471,8 +486,12 @@ mod tests {
             db.flush().expect("flush");
         }
         let (_, main, mut w) = open(dir.path());
-        assert_eq!(w.figures().0, 100, "the log came back into memory");
-        assert_eq!(w.figures().1, 1, "and the run is there");
+        assert_eq!(
+            w.figures().keys_in_memory,
+            100,
+            "the log came back into memory"
+        );
+        assert_eq!(w.figures().runs, 1, "and the run is there");
         w.write_runs(&main).expect("write runs");
         assert_eq!(
             main.scan_prefix([keys::DEDUP_LOG]).count(),

@@ -49,7 +49,7 @@ mod gen;
 mod keys;
 mod runs;
 
-pub use dedup::DedupWindow;
+pub use dedup::{DedupWindow, WindowFigures};
 pub use keys::{seen2_tree_name, seen_key, seen_key_v2, seen_tree_name};
 
 use std::collections::HashSet;

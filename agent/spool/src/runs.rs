@@ -127,6 +127,7 @@ impl Bloom {
         }
     }
 
+    /// The (word, bit mask) of each of a key's probes: all in one 512-bit block.
     fn probes(&self, h: KeyHash) -> impl Iterator<Item = (usize, u64)> {
         let KeyHash(h1, h2) = h;
         let blocks = (self.words.len() / BLOOM_BLOCK_WORDS).max(1) as u64;
@@ -138,7 +139,10 @@ impl Bloom {
     }
 
     fn insert(&mut self, key: &[u8]) {
-        let probes: Vec<(usize, u64)> = self.probes(KeyHash::of(key)).collect();
+        let mut probes = [(0usize, 0u64); HASHES as usize];
+        for (slot, p) in probes.iter_mut().zip(self.probes(KeyHash::of(key))) {
+            *slot = p;
+        }
         for (w, m) in probes {
             self.words[w] |= m;
         }

@@ -427,7 +427,11 @@ fn drained_spool(dir: &std::path::Path) -> Spool {
         commit(&spool, "b1x", &(512..600).collect::<Vec<_>>()).spooled,
         88
     );
-    assert_eq!(spool.lock().seen.figures().0, 88, "88 Ids in the log");
+    assert_eq!(
+        spool.lock().seen.figures().keys_in_memory,
+        88,
+        "88 Ids in the log"
+    );
     spool
         .set_cursor(
             TENANT,

@@ -151,12 +151,14 @@ fn run(root: &std::path::Path, total: u64, format: u8) -> anyhow::Result<()> {
             ""
         }
     );
-    let (mem_keys, runs, _, run_mem) = w.figures();
+    let f = w.figures();
     println!(
-        "  {:<40} {:>11} KiB (before loading {rss_before} KiB); window: {mem_keys} Ids in memory, {runs} runs whose indexes and filters take {} KiB",
+        "  {:<40} {:>11} KiB (before loading {rss_before} KiB); window: {} Ids in memory, {} runs whose indexes and filters take {} KiB",
         "RSS of this process",
         rss_kib(),
-        run_mem / 1024
+        f.keys_in_memory,
+        f.runs,
+        f.run_memory_bytes / 1024
     );
     Ok(())
 }
