@@ -77,3 +77,11 @@ pub fn print_vs(name: &str, value: f64, unit: &str, baseline: f64, goal: &str) {
         value / baseline.max(1e-9)
     );
 }
+
+/// The number in environment variable `name` (a benchmark's size knob), else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

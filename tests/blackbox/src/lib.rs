@@ -786,3 +786,11 @@ pub fn print_wire_and_verdict(summary: &Value, v: &Verdict) {
         }
     );
 }
+
+/// The number in environment variable `name` (a benchmark's size knob), else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use sensor_bench::{bench_dir, disk_usage, per_sec, TENANT};
+use sensor_bench::{bench_dir, disk_usage, env_or, per_sec, TENANT};
 use sensor_spool::{seen2_tree_name, seen_key_v2, DedupWindow};
 
 const DAYS: u32 = 9;
@@ -164,10 +164,7 @@ fn run(root: &std::path::Path, total: u64, format: u8) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let total: u64 = std::env::var("DEDUP_IDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000_000);
+    let total: u64 = env_or("DEDUP_IDS", 10_000_000);
     let root = bench_dir()?;
     println!("dedup-bench in {}", root.display());
     run(&root, total, 3)?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use sensor_bench::baselines::{self, Baselines};
 use sensor_bench::{
-    bench_dir, commit_sample, disk_usage, per_sec, print_vs, sample_records, SampleRecord,
+    bench_dir, commit_sample, disk_usage, env_or, per_sec, print_vs, sample_records, SampleRecord,
 };
 use sensor_core::config::Compression;
 use sensor_spool::{BatchLimits, Spool, SpoolOptions};
@@ -53,10 +53,7 @@ fn drain(spool: &Spool) -> anyhow::Result<(f64, usize, usize, usize)> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let count: usize = std::env::var("RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let count: usize = env_or("RECORDS", 100_000);
     let root = bench_dir()?;
     let dir = tempfile::tempdir_in(&root)?;
     println!(

@@ -57,16 +57,9 @@ fn print_cost(peak_rss: u64, cpu_secs: f64, records: u64) {
     );
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> anyhow::Result<()> {
-    let tenants = env_u64("DRAIN_TENANTS", 5).max(1) as u32;
-    let backlog_mb = env_u64("BACKLOG_MB", 256).max(1);
+    let tenants = env_or::<u64>("DRAIN_TENANTS", 5).max(1) as u32;
+    let backlog_mb = env_or::<u64>("BACKLOG_MB", 256).max(1);
     // The simulator's records average ~1,363 bytes (m365_sim::sample); 24 h × 4 blobs an hour a stream.
     let streams = u64::from(tenants) * ALL_CONTENT_TYPES.len() as u64;
     let records_per_blob = (backlog_mb * 1024 * 1024 / 1363)

@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 use sensor_blackbox::*;
 
 fn main() -> anyhow::Result<()> {
-    let tenants: u32 = std::env::var("TENANTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let tenants: u32 = env_or("TENANTS", 200);
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
     let d = dir.path();
     let history = GeneratedHistory {
