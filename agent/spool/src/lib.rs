@@ -724,12 +724,17 @@ impl Spool {
     /// Allocated bytes of the sled generation at `path` (generation 0 is the spool directory itself:
     /// the dedup run files under it do not count).
     fn sled_disk_bytes(&self, path: &Path) -> u64 {
-        let all = disk_usage(path);
-        if path == self.dir {
-            all.saturating_sub(disk_usage(&self.dir.join(DEDUP_DIR)))
-        } else {
-            all
+        if path != self.dir {
+            return disk_usage(path);
         }
+        std::fs::read_dir(path)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name() != DEDUP_DIR)
+                    .map(|e| disk_usage(&e.path()))
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     /// The configured cap.
