@@ -417,11 +417,10 @@ mod tests {
         keys::seen_key_v2("t", &format!("id-{i}"))
     }
 
+    /// Opens the window's database, through the spool's own opener (which waits out the lock of a
+    /// handle dropped a moment ago).
     fn open(dir: &Path) -> (sled::Db, sled::Tree, DedupWindow) {
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .open()
-            .expect("sled");
+        let db = crate::gen::open(dir, 0, 8 << 20).expect("sled").db;
         let main = db.open_tree("main").expect("main");
         let w = DedupWindow::open(&db, &main, &dir.join("dedup")).expect("open");
         (db, main, w)

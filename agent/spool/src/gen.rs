@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::{io_err, SpoolError};
 
@@ -65,15 +66,33 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
         .map_err(io_err(dir))
 }
 
-/// Opens generation `n` (created when missing) with sled's cache bounded to `cache_bytes`.
+/// How long [`open`] waits for a handle of this process, dropped a moment ago, to let go of sled's lock.
+const OWN_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens generation `n` (created when missing) with sled's cache bounded to `cache_bytes`. The caller
+/// holds the spool's `LOCK`, so sled's own lock can only be held by this process's previous handle
+/// (sled's background threads let go of it a moment after the last handle is dropped): that conflict is
+/// waited out for up to [`OWN_LOCK_WAIT`], any other error is returned at once.
 pub(crate) fn open(dir: &Path, n: u64, cache_bytes: u64) -> Result<Gen, SpoolError> {
     let path = gen_path(dir, n);
     std::fs::create_dir_all(&path).map_err(io_err(&path))?;
-    let db = sled::Config::new()
-        .path(&path)
-        .cache_capacity(cache_bytes)
-        .flush_every_ms(None)
-        .open()?;
+    let deadline = Instant::now() + OWN_LOCK_WAIT;
+    let db = loop {
+        match sled::Config::new()
+            .path(&path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other?,
+        }
+    };
     let data_path = path.join("db");
     let sync_file = File::open(&data_path).map_err(io_err(&data_path))?;
     sync_dir(&path)?;

@@ -189,23 +189,9 @@ struct Model {
     max_seq: u64,
 }
 
-/// Opens the spool again right after dropping it in the same process. sled's flusher thread holds its
-/// database lock for a moment after the last handle is dropped (a new process after a crash never sees
-/// that), so a lock conflict is retried for up to 10 s.
+/// Opens the spool again right after dropping it in the same process.
 fn reopen(dir: &std::path::Path) -> Spool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Spool::open(dir, opts()) {
-            Ok(s) => return s,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    }
+    Spool::open(dir, opts()).expect("reopen")
 }
 
 proptest! {
