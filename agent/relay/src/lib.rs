@@ -3,8 +3,9 @@
 //!
 //! Invariants:
 //! - A batch is sent only after the spool made its descriptor durable ([`Spool::cut_batch`]); its body is
-//!   compressed once and the same bytes go out on every retry, under the same `Idempotency-Key`
-//!   (`<sensor id>:<batch seq>`). After a restart, batches already cut are resent before new ones.
+//!   read and compressed once (with zstd: mostly the spool's stored frames, not compressed again) and
+//!   the same bytes go out on every retry, under the same `Idempotency-Key` (`<sensor id>:<batch seq>`).
+//!   After a restart, batches already cut are resent before new ones, with the same records.
 //! - Records leave the spool only on 200/202/409 (acknowledged) or into quarantine (400/422, or a single
 //!   record still too large after splitting on 413); nothing is dropped.
 //! - At most `max_in_flight` batches are in flight; back-off is shared by all of them.
@@ -165,10 +166,8 @@ pub fn backend_bearer(cfg: &BackendConfig) -> Result<Option<String>, RelayError>
     }
 }
 
-/// The relay's zstd level. Level 1 compresses audit NDJSON about twice as fast as level 3 and no worse
-/// (docs/BENCHMARKS.md: ratio 8.28 against 7.50 on the simulator's records; the issue's own baselines
-/// measured 6.5 against 6.3).
-pub const ZSTD_LEVEL: i32 = 1;
+/// The relay's zstd level: the spool's, whose stored frames most zstd batches are made of.
+pub const ZSTD_LEVEL: i32 = sensor_spool::ZSTD_LEVEL;
 
 /// Compresses `body` with `c` (zstd at [`ZSTD_LEVEL`], gzip at level 6).
 pub fn compress(c: Compression, body: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -262,15 +261,7 @@ impl Relay {
             }
             while inflight.len() < max {
                 let next = match queue.pop_front() {
-                    Some(desc) => {
-                        match tokio::task::block_in_place(|| self.spool.read_batch(&desc)) {
-                            Ok(body) => Some((desc, body)),
-                            Err(e) => {
-                                log::error!(target: "relay", "batch {} unreadable: {e}", desc.seq);
-                                None
-                            }
-                        }
-                    }
+                    Some(desc) => Some(desc),
                     None => match tokio::task::block_in_place(|| {
                         self.spool.cut_batch(&self.limits(), false)
                     }) {
@@ -281,10 +272,10 @@ impl Relay {
                         }
                     },
                 };
-                let Some((desc, body)) = next else { break };
+                let Some(desc) = next else { break };
                 let me = self.clone();
                 let rx = shutdown.clone();
-                inflight.spawn(async move { me.deliver(desc, body, rx).await });
+                inflight.spawn(async move { me.deliver(desc, rx).await });
             }
             let tick = Duration::from_millis(self.cfg.batch_linger_ms.clamp(10, 250));
             tokio::select! {
@@ -413,16 +404,23 @@ impl Relay {
         )
     }
 
-    async fn deliver(
-        &self,
-        desc: BatchDesc,
-        body: Vec<u8>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Outcome {
+    /// The batch's body as sent: with zstd, the spool's stored frames as they are
+    /// ([`Spool::read_batch_zstd`]); with gzip, its NDJSON compressed.
+    fn wire_body(&self, desc: &BatchDesc) -> Result<Vec<u8>, String> {
+        match self.cfg.compression {
+            Compression::Zstd => self.spool.read_batch_zstd(desc).map_err(|e| e.to_string()),
+            Compression::Gzip => {
+                let body = self.spool.read_batch(desc).map_err(|e| e.to_string())?;
+                compress(Compression::Gzip, &body).map_err(|e| format!("compressing: {e}"))
+            }
+        }
+    }
+
+    async fn deliver(&self, desc: BatchDesc, mut shutdown: watch::Receiver<bool>) -> Outcome {
         let encoding = self.cfg.compression;
-        let wire = match compress(encoding, &body) {
+        let wire = match tokio::task::block_in_place(|| self.wire_body(&desc)) {
             Ok(w) => w,
-            Err(e) => return Outcome::SpoolFailed(format!("compressing batch {}: {e}", desc.seq)),
+            Err(e) => return Outcome::SpoolFailed(format!("batch {} unreadable: {e}", desc.seq)),
         };
         let key = format!("{}:{}", self.sensor_id, desc.seq);
         loop {
@@ -485,7 +483,7 @@ impl Relay {
                         Counters::add(&self.counters.batches_already_stored, 1);
                     }
                     Counters::add(&self.counters.records_delivered, desc.records);
-                    Counters::add(&self.counters.bytes_raw_delivered, body.len() as u64);
+                    Counters::add(&self.counters.bytes_raw_delivered, desc.raw_bytes);
                     Counters::add(&self.counters.bytes_wire_delivered, wire.len() as u64);
                     self.status.set("backend", State::Ok, None, None);
                     return Outcome::Acked;

@@ -44,6 +44,7 @@
 //! `source` is `<tenant_id>/<content_type>`. A position is (chunk seq, record index in that chunk).
 
 mod chunk;
+pub use chunk::LEVEL as ZSTD_LEVEL;
 mod dedup;
 mod gen;
 mod keys;
@@ -781,76 +782,156 @@ impl Spool {
         Ok(out)
     }
 
-    /// Reads the NDJSON of records in `[start, end)`, or from `start` within `limits` when `end` is None.
-    /// Returns the lines, the end position and the record count.
-    fn read_range(
-        &self,
-        start: Pos,
-        end: Option<Pos>,
-        limits: Option<(u64, u64)>,
-    ) -> Result<(Vec<u8>, Pos, u64, Pos), SpoolError> {
+    /// Reads the NDJSON of the records in `[start, end)`. Returns the lines and the record count.
+    fn read_range(&self, start: Pos, end: Pos) -> Result<(Vec<u8>, u64), SpoolError> {
         let mut out = Vec::new();
         let mut taken = 0u64;
-        let mut last = start;
-        let mut first_taken = start;
+        for part in self.parts(start, end) {
+            let (value, first, stop) = part?;
+            let (h, lines) = chunk::decode(&value)?;
+            for rec in chunk::records(&lines)
+                .take(stop.min(h.records) as usize)
+                .skip(first as usize)
+            {
+                out.extend_from_slice(rec);
+                taken += 1;
+            }
+        }
+        Ok((out, taken))
+    }
+
+    /// The stored chunks that hold records of `[start, end)`, each with the range of its records
+    /// `[first, stop)` that belongs to it (`stop` may exceed the chunk's count at the range's end).
+    fn parts(
+        &self,
+        start: Pos,
+        end: Pos,
+    ) -> impl Iterator<Item = Result<(sled::IVec, u32, u32), SpoolError>> {
         let from = keys::seq_key(keys::CHUNK, start.chunk);
-        let to = keys::seq_key(keys::CHUNK, end.map(|e| e.chunk).unwrap_or(u64::MAX));
+        let to = keys::seq_key(keys::CHUNK, end.chunk);
+        self.g().main.range(from..=to).map(move |kv| {
+            let (k, v) = kv?;
+            let seq = keys::seq_of(&k).ok_or_else(|| SpoolError::Corrupt("chunk key".into()))?;
+            let first = if seq == start.chunk { start.record } else { 0 };
+            let stop = if seq == end.chunk {
+                end.record
+            } else {
+                u32::MAX
+            };
+            Ok((v, first, stop))
+        })
+    }
+
+    /// Where the next batch from `start` ends within `limits` (records, uncompressed bytes), read from
+    /// the chunks' headers: whole chunks while they fit, so that [`Spool::read_batch_zstd`] sends their
+    /// stored frames as they are; record by record (decoding the chunk) only in a chunk the previous
+    /// batch ended inside, or when not even one whole chunk fits. Returns (first record taken, end,
+    /// records, uncompressed bytes); no records when none are unbatched.
+    fn plan_batch(
+        &self,
+        start: Pos,
+        limits: (u64, u64),
+    ) -> Result<(Pos, Pos, u64, u64), SpoolError> {
+        let (max_records, max_raw) = limits;
+        let (mut taken, mut raw) = (0u64, 0u64);
+        let (mut first_taken, mut last) = (start, start);
+        let from = keys::seq_key(keys::CHUNK, start.chunk);
+        let to = keys::seq_key(keys::CHUNK, u64::MAX);
         'chunks: for kv in self.g().main.range(from..=to) {
             let (k, v) = kv?;
             let seq = keys::seq_of(&k).ok_or_else(|| SpoolError::Corrupt("chunk key".into()))?;
-            let (h, lines) = chunk::decode(&v)?;
+            let h = chunk::header(&v)?;
             let first = if seq == start.chunk { start.record } else { 0 };
-            let stop = match end {
-                Some(e) if e.chunk == seq => e.record.min(h.records),
-                _ => h.records,
-            };
-            last = Pos {
-                chunk: seq,
-                record: first.max(stop.min(h.records)),
-            };
-            for (i, rec) in chunk::records(&lines).enumerate() {
+            if first >= h.records {
+                last = Pos {
+                    chunk: seq,
+                    record: h.records,
+                };
+                continue;
+            }
+            if taken == 0 {
+                first_taken = Pos {
+                    chunk: seq,
+                    record: first,
+                };
+            }
+            let fits_whole = taken + u64::from(h.records) <= max_records
+                && raw + u64::from(h.raw_len) <= max_raw;
+            if first == 0 && fits_whole {
+                taken += u64::from(h.records);
+                raw += u64::from(h.raw_len);
+                last = Pos {
+                    chunk: seq,
+                    record: h.records,
+                };
+                continue;
+            }
+            if first == 0 && taken > 0 {
+                // The chunk does not fit whole: the batch ends at its start.
+                last = Pos {
+                    chunk: seq,
+                    record: 0,
+                };
+                break;
+            }
+            let (_, lines) = chunk::decode(&v)?;
+            for (i, rec) in chunk::records(&lines).enumerate().skip(first as usize) {
                 let i = i as u32;
-                if i < first || i >= stop {
-                    continue;
-                }
-                if let Some((max_records, max_raw)) = limits {
-                    if taken > 0
-                        && (taken + 1 > max_records || (out.len() + rec.len()) as u64 > max_raw)
-                    {
-                        last = Pos {
-                            chunk: seq,
-                            record: i,
-                        };
-                        break 'chunks;
-                    }
-                }
-                if taken == 0 {
-                    first_taken = Pos {
+                if taken > 0 && (taken + 1 > max_records || raw + rec.len() as u64 > max_raw) {
+                    last = Pos {
                         chunk: seq,
                         record: i,
                     };
+                    break 'chunks;
                 }
-                out.extend_from_slice(rec);
                 taken += 1;
+                raw += rec.len() as u64;
                 last = Pos {
                     chunk: seq,
                     record: i + 1,
                 };
             }
         }
-        Ok((out, last, taken, first_taken))
+        Ok((first_taken, last, taken, raw))
     }
 
     /// The NDJSON body of a batch: the same records in the same order on every call.
     pub fn read_batch(&self, desc: &BatchDesc) -> Result<Vec<u8>, SpoolError> {
-        let (lines, _, n, _) = self.read_range(desc.start, Some(desc.end), None)?;
-        if n != desc.records {
-            return Err(SpoolError::Corrupt(format!(
-                "batch {} covers {} records but {} are readable",
-                desc.seq, desc.records, n
-            )));
-        }
+        let (lines, n) = self.read_range(desc.start, desc.end)?;
+        check_count(desc, n)?;
         Ok(lines)
+    }
+
+    /// The batch's NDJSON body as a zstd stream (one frame after another, which decodes to the
+    /// concatenation of their contents, RFC 8878): a chunk the batch covers whole goes out as the
+    /// frame stored in the spool, untouched; only the records of a chunk the batch covers in part are
+    /// compressed again (zstd level [`ZSTD_LEVEL`]). The same records in the same order on every call.
+    pub fn read_batch_zstd(&self, desc: &BatchDesc) -> Result<Vec<u8>, SpoolError> {
+        let mut out = Vec::new();
+        let mut n = 0u64;
+        for part in self.parts(desc.start, desc.end) {
+            let (value, first, stop) = part?;
+            let h = chunk::header(&value)?;
+            let stop = stop.min(h.records);
+            if first >= stop {
+                continue;
+            }
+            if first == 0 && stop == h.records {
+                out.extend_from_slice(chunk::frame(&value));
+            } else {
+                let (_, lines) = chunk::decode(&value)?;
+                let part: Vec<u8> = chunk::records(&lines)
+                    .take(stop as usize)
+                    .skip(first as usize)
+                    .flatten()
+                    .copied()
+                    .collect();
+                out.extend_from_slice(&chunk::compress(&part)?);
+            }
+            n += u64::from(stop - first);
+        }
+        check_count(desc, n)?;
+        Ok(out)
     }
 
     /// Cuts the next batch from unbatched records, if there are enough of them or the oldest waited
@@ -859,7 +940,7 @@ impl Spool {
         &self,
         limits: &BatchLimits,
         force: bool,
-    ) -> Result<Option<(BatchDesc, Vec<u8>)>, SpoolError> {
+    ) -> Result<Option<BatchDesc>, SpoolError> {
         let mut inner = self.lock();
         let f = &inner.figures;
         if f.unbatched_records == 0 {
@@ -874,12 +955,8 @@ impl Spool {
         if !(force || full || waited) {
             return Ok(None);
         }
-        let start = inner.batch_pos;
-        let (lines, end, n, start) = self.read_range(
-            start,
-            None,
-            Some((limits.max_records, limits.max_raw_bytes)),
-        )?;
+        let (start, end, n, raw_bytes) =
+            self.plan_batch(inner.batch_pos, (limits.max_records, limits.max_raw_bytes))?;
         if n == 0 {
             return Err(SpoolError::Corrupt(format!(
                 "{} records counted as unbatched but none readable from chunk {}",
@@ -891,7 +968,7 @@ impl Spool {
             start,
             end,
             records: n,
-            raw_bytes: lines.len() as u64,
+            raw_bytes,
         };
         let mut figures = inner.figures.clone();
         figures.unbatched_records = figures.unbatched_records.saturating_sub(n);
@@ -914,7 +991,7 @@ impl Spool {
         inner.oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
         inner.figures = figures;
         self.make_durable(&format!("batch {}", desc.seq))?;
-        Ok(Some((desc, lines)))
+        Ok(Some(desc))
     }
 
     /// Deletes an acknowledged batch and every chunk no other batch still needs. Idempotent.
@@ -999,15 +1076,20 @@ impl Spool {
         if desc.records < 2 {
             return Ok(None);
         }
-        let half = desc.records / 2;
-        let (first_lines, mid, n1, _) =
-            self.read_range(desc.start, Some(desc.end), Some((half, u64::MAX)))?;
+        // At most half the records (whole chunks where they fit), at least one.
+        let (_, mid, n1, raw1) = self.plan_batch(desc.start, (desc.records / 2, u64::MAX))?;
+        if n1 == 0 || n1 >= desc.records {
+            return Err(SpoolError::Corrupt(format!(
+                "batch {seq} covers {} records but its first half has {n1}",
+                desc.records
+            )));
+        }
         let a = BatchDesc {
             seq: inner.next_batch,
             start: desc.start,
             end: mid,
             records: n1,
-            raw_bytes: first_lines.len() as u64,
+            raw_bytes: raw1,
         };
         let b = BatchDesc {
             seq: inner.next_batch + 1,
@@ -1150,6 +1232,18 @@ impl Spool {
     pub fn close(&self) -> Result<(), SpoolError> {
         let _inner = self.lock();
         self.make_durable("close")
+    }
+}
+
+/// Refuses a batch whose range no longer holds the records it was cut with.
+fn check_count(desc: &BatchDesc, readable: u64) -> Result<(), SpoolError> {
+    if readable == desc.records {
+        Ok(())
+    } else {
+        Err(SpoolError::Corrupt(format!(
+            "batch {} covers {} records but {} are readable",
+            desc.seq, desc.records, readable
+        )))
     }
 }
 

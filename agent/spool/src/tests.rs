@@ -110,9 +110,9 @@ fn large_blobs_span_chunks_and_batches_respect_limits() {
     let ids: Vec<u32> = (0..1500).collect();
     commit(&spool, "big", &ids);
     let mut seen = Vec::new();
-    while let Some((desc, body)) = spool.cut_batch(&limits(400), false).expect("cut") {
+    while let Some(desc) = spool.cut_batch(&limits(400), false).expect("cut") {
         assert!(desc.records <= 400);
-        assert_eq!(spool.read_batch(&desc).expect("read"), body);
+        let body = body_of(&spool, &desc);
         seen.extend(ids_of(&body));
         spool.ack_batch(desc.seq).expect("ack");
     }
@@ -179,6 +179,26 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A batch's NDJSON, after checking that its zstd body (stored frames, partial chunks compressed again)
+/// decodes to exactly the same bytes.
+fn body_of(spool: &Spool, desc: &BatchDesc) -> Vec<u8> {
+    let body = spool.read_batch(desc).expect("read");
+    let wire = spool.read_batch_zstd(desc).expect("read zstd");
+    let decoded = zstd::stream::decode_all(&wire[..]).expect("the zstd body decodes");
+    assert_eq!(
+        decoded, body,
+        "batch {}: the zstd body is the NDJSON",
+        desc.seq
+    );
+    assert_eq!(
+        body.len() as u64,
+        desc.raw_bytes,
+        "batch {}: raw bytes",
+        desc.seq
+    );
+    body
+}
+
 #[derive(Default)]
 struct Model {
     seen: HashSet<u32>,
@@ -219,10 +239,12 @@ proptest! {
                 Op::Cut(max) => {
                     match spool.cut_batch(&limits(max), false).expect("cut") {
                         None => prop_assert!(m.unbatched.is_empty()),
-                        Some((desc, body)) => {
-                            let take = (max as usize).min(m.unbatched.len());
+                        Some(desc) => {
+                            // At most `max`, at least one; fewer only where a whole chunk did not fit.
+                            let take = desc.records as usize;
+                            prop_assert!(take >= 1 && take <= (max as usize).min(m.unbatched.len()));
                             let want: Vec<String> = m.unbatched.drain(..take).collect();
-                            prop_assert_eq!(ids_of(&body), want.clone());
+                            prop_assert_eq!(ids_of(&body_of(&spool, &desc)), want.clone());
                             prop_assert!(desc.seq > m.max_seq, "batch numbers increase");
                             m.max_seq = desc.seq;
                             m.batches.insert(desc.seq, want);
@@ -244,7 +266,12 @@ proptest! {
                             Some((a, b)) => {
                                 prop_assert!(a.seq > m.max_seq && b.seq > a.seq);
                                 m.max_seq = b.seq;
-                                let half = recs.len() / 2;
+                                // At most half, at least one (whole chunks where they fit).
+                                let half = a.records as usize;
+                                prop_assert!(half >= 1 && half <= recs.len() / 2);
+                                prop_assert_eq!(half + b.records as usize, recs.len());
+                                prop_assert_eq!(ids_of(&body_of(&spool, &a)), recs[..half].to_vec());
+                                prop_assert_eq!(ids_of(&body_of(&spool, &b)), recs[half..].to_vec());
                                 m.batches.remove(&seq);
                                 m.batches.insert(a.seq, recs[..half].to_vec());
                                 m.batches.insert(b.seq, recs[half..].to_vec());
@@ -279,7 +306,7 @@ proptest! {
             let model_seqs: Vec<u64> = m.batches.keys().copied().collect();
             prop_assert_eq!(seqs, model_seqs);
             for d in &pending {
-                prop_assert_eq!(&ids_of(&spool.read_batch(d).expect("read")), &m.batches[&d.seq]);
+                prop_assert_eq!(&ids_of(&body_of(&spool, d)), &m.batches[&d.seq]);
             }
             let f = spool.figures();
             let outstanding = m.unbatched.len() + m.batches.values().map(Vec::len).sum::<usize>();
@@ -288,7 +315,7 @@ proptest! {
             prop_assert_eq!(f.quarantined_items as usize, spool.quarantine().expect("q").len());
         }
         // Conservation: everything committed is delivered, quarantined or still pending, exactly once.
-        while let Some((d, _)) = spool.cut_batch(&limits(1000), true).expect("cut") {
+        while let Some(d) = spool.cut_batch(&limits(1000), true).expect("cut") {
             m.batches.insert(d.seq, m.unbatched.drain(..d.records as usize).collect());
         }
         for seq in m.batches.keys().copied().collect::<Vec<_>>() {
@@ -450,7 +477,7 @@ fn drained_spool(dir: &std::path::Path) -> Spool {
         None,
         "records are pending"
     );
-    while let Some((d, _)) = spool.cut_batch(&limits(500), true).expect("cut") {
+    while let Some(d) = spool.cut_batch(&limits(500), true).expect("cut") {
         assert_eq!(
             spool.reclaim().expect("reclaim"),
             None,
@@ -471,12 +498,12 @@ fn check_after_reclaim(
         2,
         "dedup survived (an Id in a run file and one in the log)"
     );
-    let (d, body) = spool
+    let d = spool
         .cut_batch(&limits(500), true)
         .expect("cut")
         .expect("a batch");
     assert_eq!(d.seq, 3, "batch numbers are never reused");
-    assert_eq!(ids_of(&body), vec!["id-700".to_string()]);
+    assert_eq!(ids_of(&body_of(spool, &d)), vec!["id-700".to_string()]);
     spool.ack_batch(d.seq).expect("ack");
 }
 
@@ -577,7 +604,7 @@ fn the_cap_counts_disk_use_and_a_drain_gives_the_room_back() {
         spool.figures().stored_bytes < cap,
         "full by disk use, before the compressed bytes reach the cap"
     );
-    while let Some((d, _)) = spool.cut_batch(&limits(5_000), true).expect("cut") {
+    while let Some(d) = spool.cut_batch(&limits(5_000), true).expect("cut") {
         spool.ack_batch(d.seq).expect("ack");
     }
     assert!(!spool.is_full(), "nothing pending: never full");
@@ -618,7 +645,7 @@ fn a_failed_fdatasync_never_lets_the_next_step_overwrite_what_was_applied() {
     assert_eq!(commit(&spool, "b2", &[10, 11]).spooled, 2);
     fail_next();
     assert!(spool.cut_batch(&limits(2), true).is_err());
-    let (second, _) = spool
+    let second = spool
         .cut_batch(&limits(100), true)
         .expect("cut")
         .expect("a batch");

@@ -106,7 +106,7 @@ fn spool(c: &mut Criterion) {
         b.iter(|| commit(100))
     });
     // Drain what the append bench left, then keep one batch to read.
-    while let Ok(Some((d, _))) = spool.cut_batch(&limits, true) {
+    while let Ok(Some(d)) = spool.cut_batch(&limits, true) {
         if spool.ack_batch(d.seq).is_err() {
             return;
         }
@@ -114,19 +114,23 @@ fn spool(c: &mut Criterion) {
     if commit(100).is_err() {
         return;
     }
-    let Ok(Some((desc, _))) = spool.cut_batch(&limits, true) else {
+    let Ok(Some(desc)) = spool.cut_batch(&limits, true) else {
         return;
     };
     g.bench_function("read: read_batch of 100 records", |b| {
         b.iter(|| spool.read_batch(&desc).map(|v| v.len()))
     });
+    g.bench_function(
+        "read: read_batch_zstd of 100 records (the stored frame)",
+        |b| b.iter(|| spool.read_batch_zstd(&desc).map(|v| v.len())),
+    );
     g.bench_function("delete: ack_batch of 100 records", |b| {
         b.iter_batched(
             || {
                 let _ = commit(100);
                 spool.cut_batch(&limits, true).ok().flatten()
             },
-            |cut| cut.map(|(d, _)| spool.ack_batch(d.seq)),
+            |cut| cut.map(|d| spool.ack_batch(d.seq)),
             BatchSize::PerIteration,
         )
     });

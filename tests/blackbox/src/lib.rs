@@ -722,13 +722,15 @@ pub fn generated_tenant_id(i: u32) -> String {
 
 /// The rig of the end-to-end benchmarks in `d`: a simulator serving `tenants` generated tenants `t1..tN`
 /// (every content type, history `h`, one shared secret), a receiver, and the sensor's configuration
-/// naming them all (poll every 30 s, `request_timeout_secs`, `spool_toml` lines in `[spool]` after an
-/// 8 MiB cache). Returns the simulator, the receiver and the configuration's path.
+/// naming them all (poll every 30 s, `request_timeout_secs`, `backend_toml` lines in `[backend]`,
+/// `spool_toml` lines in `[spool]` after an 8 MiB cache). Returns the simulator, the receiver and the
+/// configuration's path.
 pub fn generated_tenants_rig(
     d: &Path,
     tenants: u32,
     h: &GeneratedHistory,
     request_timeout_secs: u64,
+    backend_toml: &str,
     spool_toml: &str,
 ) -> Result<(Sim, Receiver, PathBuf)> {
     let cts: Vec<String> = ALL_CONTENT_TYPES
@@ -746,7 +748,7 @@ pub fn generated_tenants_rig(
     std::fs::write(&secret, "bench-secret")?;
     set_mode(&secret, 0o600)?;
     let mut cfg = format!(
-        "state_dir = \"{}\"\n[management]\nheartbeat_secs = 60\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n[spool]\ncache_bytes = 8388608\n{spool_toml}\n",
+        "state_dir = \"{}\"\n[management]\nheartbeat_secs = 60\n[backend]\nurl = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n{backend_toml}\n[spool]\ncache_bytes = 8388608\n{spool_toml}\n",
         d.join("state").display(),
         rx.url,
         rx.token_file.display(),

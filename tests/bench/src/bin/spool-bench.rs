@@ -8,7 +8,6 @@ use sensor_bench::baselines::{self, Baselines};
 use sensor_bench::{
     bench_dir, commit_sample, disk_usage, env_or, per_sec, print_vs, sample_records, SampleRecord,
 };
-use sensor_core::config::Compression;
 use sensor_spool::{BatchLimits, Spool, SpoolOptions};
 
 fn options() -> SpoolOptions {
@@ -33,8 +32,8 @@ fn commit_all(
     Ok(per_sec(recs.len(), t.elapsed().as_secs_f64()))
 }
 
-/// Cuts, compresses (zstd at the relay's level) and acknowledges every batch; returns (records/s, records, wire bytes,
-/// raw bytes).
+/// Cuts, reads as the relay sends it (zstd: the stored frames) and acknowledges every batch; returns
+/// (records/s, records, wire bytes, raw bytes).
 fn drain(spool: &Spool) -> anyhow::Result<(f64, usize, usize, usize)> {
     let limits = BatchLimits {
         max_records: 5_000,
@@ -43,9 +42,9 @@ fn drain(spool: &Spool) -> anyhow::Result<(f64, usize, usize, usize)> {
     };
     let t = Instant::now();
     let (mut n, mut wire, mut raw) = (0usize, 0usize, 0usize);
-    while let Some((desc, body)) = spool.cut_batch(&limits, true)? {
-        wire += sensor_relay::compress(Compression::Zstd, &body)?.len();
-        raw += body.len();
+    while let Some(desc) = spool.cut_batch(&limits, true)? {
+        wire += spool.read_batch_zstd(&desc)?.len();
+        raw += desc.raw_bytes as usize;
         n += desc.records as usize;
         spool.ack_batch(desc.seq)?;
     }
@@ -101,7 +100,7 @@ fn main() -> anyhow::Result<()> {
     );
     let (r, n, wire, body) = drain(&spool)?;
     print_vs(
-        "cut_batch + zstd + ack_batch (5,000/batch)",
+        "cut_batch + read_batch_zstd + ack_batch (5,000/batch)",
         r,
         "records/s",
         b.sled_per_record_out,

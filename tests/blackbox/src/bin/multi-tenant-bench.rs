@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
         records_per_blob: 10,
         page_size: 50,
     };
-    let (sim, rx, config) = generated_tenants_rig(d, tenants, &history, 10, "")?;
+    let (sim, rx, config) = generated_tenants_rig(d, tenants, &history, 10, "", "")?;
     let tid = generated_tenant_id;
     // Tenant 1 misbehaves: AF429 on every other request (Retry-After 2 s), every answer 1.5 s late.
     sim.set_faults(
