@@ -38,6 +38,16 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// How long a control answer may take: the ground truths of a multi-gigabyte backlog (millions of
+/// records) take minutes to build and send; everything else gets the client's 60 s.
+fn answer_timeout(path: &str) -> Duration {
+    if path.ends_with("/truth") {
+        Duration::from_secs(900)
+    } else {
+        Duration::from_secs(60)
+    }
+}
+
 /// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -169,6 +179,7 @@ impl Sim {
         Ok(self
             .http
             .get(format!("{}{path}", self.url))
+            .timeout(answer_timeout(path))
             .send()?
             .error_for_status()?
             .json()?)
@@ -278,6 +289,7 @@ impl Receiver {
         Ok(self
             .http
             .get(format!("{}{path}", self.control_url))
+            .timeout(answer_timeout(path))
             .send()?
             .error_for_status()?
             .json()?)
