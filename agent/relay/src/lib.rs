@@ -338,7 +338,7 @@ impl Relay {
                 Err(e) => log::error!(target: "relay", "splitting batch {}: {e}", desc.seq),
             },
             Ok(Outcome::SpoolFailed(e)) => {
-                log::error!(target: "relay", "spool error after delivery: {e}")
+                log::error!(target: "relay", "spool error: {e}")
             }
             Ok(Outcome::Acked | Outcome::Quarantined | Outcome::Stopped) => {}
             Err(e) if e.is_cancelled() => {}

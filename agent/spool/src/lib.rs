@@ -45,6 +45,10 @@
 
 mod chunk;
 pub use chunk::LEVEL as ZSTD_LEVEL;
+
+/// The smallest chunk (uncompressed bytes) whose stored zstd frame a batch sends as it is: a frame of a
+/// few records compresses worse than the same records inside a larger frame.
+pub const PASS_THROUGH_MIN_RAW: usize = 64 * 1024;
 mod dedup;
 mod gen;
 mod keys;
@@ -903,11 +907,14 @@ impl Spool {
     }
 
     /// The batch's NDJSON body as a zstd stream (one frame after another, which decodes to the
-    /// concatenation of their contents, RFC 8878): a chunk the batch covers whole goes out as the
-    /// frame stored in the spool, untouched; only the records of a chunk the batch covers in part are
-    /// compressed again (zstd level [`ZSTD_LEVEL`]). The same records in the same order on every call.
+    /// concatenation of their contents, RFC 8878). A chunk the batch covers whole and of at least
+    /// [`PASS_THROUGH_MIN_RAW`] bytes goes out as the frame stored in the spool, untouched; the records
+    /// of smaller chunks (a live blob of a few records) and of chunks the batch covers in part are
+    /// gathered and compressed together (zstd level [`ZSTD_LEVEL`]), so that small blobs still compress
+    /// as a batch. The same records in the same order on every call.
     pub fn read_batch_zstd(&self, desc: &BatchDesc) -> Result<Vec<u8>, SpoolError> {
         let mut out = Vec::new();
+        let mut gathered = Vec::new();
         let mut n = 0u64;
         for part in self.parts(desc.start, desc.end) {
             let (value, first, stop) = part?;
@@ -916,19 +923,25 @@ impl Spool {
             if first >= stop {
                 continue;
             }
-            if first == 0 && stop == h.records {
+            if first == 0 && stop == h.records && h.raw_len as usize >= PASS_THROUGH_MIN_RAW {
+                if !gathered.is_empty() {
+                    out.extend_from_slice(&chunk::compress(&gathered)?);
+                    gathered.clear();
+                }
                 out.extend_from_slice(chunk::frame(&value));
             } else {
                 let (_, lines) = chunk::decode(&value)?;
-                let part: Vec<u8> = chunk::records(&lines)
+                for rec in chunk::records(&lines)
                     .take(stop as usize)
                     .skip(first as usize)
-                    .flatten()
-                    .copied()
-                    .collect();
-                out.extend_from_slice(&chunk::compress(&part)?);
+                {
+                    gathered.extend_from_slice(rec);
+                }
             }
             n += u64::from(stop - first);
+        }
+        if !gathered.is_empty() {
+            out.extend_from_slice(&chunk::compress(&gathered)?);
         }
         check_count(desc, n)?;
         Ok(out)

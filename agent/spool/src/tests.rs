@@ -199,6 +199,74 @@ fn body_of(spool: &Spool, desc: &BatchDesc) -> Vec<u8> {
     body
 }
 
+/// Chunks of at least `PASS_THROUGH_MIN_RAW` bytes go out as their stored frames when a batch covers
+/// them whole; the records of a chunk covered in part are compressed again; either way the body decodes to
+/// exactly the batch's NDJSON.
+#[test]
+fn large_chunks_are_sent_as_their_stored_frames() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    let pad = "x".repeat(1500);
+    let bytes: Vec<(String, Vec<u8>)> = (0..700u32)
+        .map(|i| {
+            let json =
+                format!(r#"{{"Id":"id-{i}","CreationTime":"2026-11-25T10:00:00","pad":"{pad}"}}"#);
+            (format!("id-{i}"), json.into_bytes())
+        })
+        .collect();
+    let recs: Vec<RawRecord<'_>> = bytes
+        .iter()
+        .map(|(id, b)| RawRecord { id, bytes: b })
+        .collect();
+    spool
+        .commit_blob(&BlobCommit {
+            tenant_id: TENANT,
+            content_type: "Audit.General",
+            content_id: "big",
+            expires_unix: now_unix() + 86_400,
+            collected_at: "2026-11-25T10:00:00Z",
+            records: &recs,
+            cursor: None,
+        })
+        .expect("commit");
+    let frames: Vec<Vec<u8>> = spool
+        .g()
+        .main
+        .scan_prefix([keys::CHUNK])
+        .map(|kv| {
+            let v = kv.expect("chunk").1;
+            assert!(chunk::header(&v).expect("header").raw_len as usize >= PASS_THROUGH_MIN_RAW);
+            chunk::frame(&v).to_vec()
+        })
+        .collect();
+    assert!(frames.len() >= 4, "{} chunks", frames.len());
+    // 100 records: inside the first chunk, compressed again.
+    let a = spool
+        .cut_batch(&limits(100), true)
+        .expect("cut")
+        .expect("batch");
+    let mut ids = ids_of(&body_of(&spool, &a));
+    // The rest: the first chunk's remainder compressed again, then the other chunks as stored.
+    let b = spool
+        .cut_batch(&limits(1_000), true)
+        .expect("cut")
+        .expect("batch");
+    let wire = spool.read_batch_zstd(&b).expect("zstd");
+    let has = |frame: &[u8]| wire.windows(frame.len()).any(|w| w == frame);
+    assert!(!has(&frames[0]) && has(&frames[1]) && has(&frames[2]));
+    ids.extend(ids_of(&body_of(&spool, &b)));
+    // Halves that start and end inside chunks are still exact.
+    let (b1, b2) = spool.split_batch(b.seq).expect("split").expect("halves");
+    let (b21, b22) = spool.split_batch(b2.seq).expect("split").expect("halves");
+    let mut again = Vec::new();
+    for d in [&b1, &b21, &b22] {
+        again.extend(ids_of(&body_of(&spool, d)));
+    }
+    assert_eq!(again, ids[100..].to_vec());
+    let want: Vec<String> = (0..700).map(|i| format!("id-{i}")).collect();
+    assert_eq!(ids, want);
+}
+
 #[derive(Default)]
 struct Model {
     seen: HashSet<u32>,

@@ -51,6 +51,15 @@ fn drain(spool: &Spool) -> anyhow::Result<(f64, usize, usize, usize)> {
     Ok((per_sec(n, t.elapsed().as_secs_f64()), n, wire, raw))
 }
 
+/// Prints the zstd bytes on the wire per record of a drain and the ratio to the NDJSON.
+fn print_wire(what: &str, wire: usize, records: usize, raw: usize) {
+    println!(
+        "  {what:<44} {:>11.0} bytes/record  (zstd ratio {:.2}; {records} records)",
+        wire as f64 / records.max(1) as f64,
+        raw as f64 / wire.max(1) as f64
+    );
+}
+
 fn main() -> anyhow::Result<()> {
     let count: usize = env_or("RECORDS", 100_000);
     let root = bench_dir()?;
@@ -106,12 +115,7 @@ fn main() -> anyhow::Result<()> {
         b.sled_per_record_out,
         "(sled key-per-record out)",
     );
-    println!(
-        "  {:<44} {:>11.0} bytes/record  (ratio {:.2}; {n} records)",
-        "on the wire, zstd (relay level)",
-        wire as f64 / n.max(1) as f64,
-        body as f64 / wire.max(1) as f64
-    );
+    print_wire("on the wire, blobs of 1,000 records", wire, n, body);
     let after = spool.figures();
     let disk_drained = disk_usage(&path);
     println!(
@@ -154,6 +158,8 @@ fn main() -> anyhow::Result<()> {
         b.append_sync_100,
         "(vs per-100 baseline)",
     );
+    let (_, n, wire, body) = drain(&spool)?;
+    print_wire("on the wire, blobs of 100 and 10 records", wire, n, body);
     drop(spool);
 
     Ok(())
