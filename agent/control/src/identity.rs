@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{pem::PemObject, CertificateDer, UnixTime};
 use zeroize::Zeroizing;
@@ -140,8 +141,15 @@ pub fn validity(pem: &[u8]) -> Result<(i64, i64), IdentityError> {
     Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
+/// How far this device's clock may run behind the backend's for a certificate issued a moment ago.
+pub const CLOCK_BEHIND_TOLERANCE: Duration = Duration::from_secs(3600);
+
 /// Checks that `cert_pem` carries the public key of `key_pem` and chains to `ca_pem` as a client
-/// certificate valid now.
+/// certificate valid now. A certificate that starts up to [`CLOCK_BEHIND_TOLERANCE`] in this device's
+/// future is checked at its start instead: the backend issues it from its own clock, and a device's
+/// clock may run behind (first boot without a real-time clock or before time sync; a VM's clock starts
+/// up to a second late). Refusing it would burn the single-use enrolment token for nothing. Expiry and a
+/// clock further behind are still refused.
 pub fn verify(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<(), IdentityError> {
     let bad = |m: String| IdentityError::BadCertificate(m);
     let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
@@ -170,8 +178,18 @@ pub fn verify(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<(), Identit
     )
     .build()
     .map_err(|e| bad(format!("ca_pem: {e}")))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let starts =
+        Duration::from_secs(u64::try_from(parsed.validity().not_before.timestamp()).unwrap_or(0));
+    let at = if starts > now && starts - now <= CLOCK_BEHIND_TOLERANCE {
+        starts
+    } else {
+        now
+    };
     verifier
-        .verify_client_cert(&cert, &[], UnixTime::now())
+        .verify_client_cert(&cert, &[], UnixTime::since_unix_epoch(at))
         .map_err(|e| {
             bad(format!(
                 "the certificate does not verify against ca_pem: {e}"
@@ -360,6 +378,32 @@ mod tests {
         let mut gens = generations(d.path()).expect("generations");
         gens.sort();
         assert_eq!(gens, vec![3, 4]);
+    }
+
+    fn issue_valid_from(ca: &Ca, csr_pem: &str, from_now_secs: i64, days: i64) -> String {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).expect("csr");
+        csr.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let start = time::OffsetDateTime::now_utc() + time::Duration::seconds(from_now_secs);
+        csr.params.not_before = start;
+        csr.params.not_after = start + time::Duration::days(days);
+        csr.signed_by(&ca.cert, &ca.key).expect("sign").pem()
+    }
+
+    /// A certificate the backend issued from a clock a little ahead of this device's verifies; one
+    /// that starts beyond the tolerance, or has expired, does not.
+    #[test]
+    fn a_device_clock_a_little_behind_the_backend_still_enrols() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = new_ca("test CA");
+        let ca_pem = ca.cert.pem();
+        let k = new_key_and_csr("dev").expect("csr");
+        let soon = issue_valid_from(&ca, &k.csr_pem, 30, 365);
+        verify(&soon, &k.key_pem, &ca_pem).expect("30 s ahead verifies");
+        let late = issue_valid_from(&ca, &k.csr_pem, 2 * 3600, 365);
+        let e = verify(&late, &k.key_pem, &ca_pem).expect_err("2 h ahead is refused");
+        assert!(e.to_string().contains("does not verify"), "{e}");
+        let expired = issue_valid_from(&ca, &k.csr_pem, -10 * 86_400, 1);
+        verify(&expired, &k.key_pem, &ca_pem).expect_err("expired is refused");
     }
 
     #[test]
