@@ -64,8 +64,11 @@ def explain_failure(workdir):
         path = os.path.join(workdir, name)
         try:
             if name.endswith(".raw") and "data" in sh("sfdisk", "-l", "-o", "Name", path):
-                print(f"-- the guest journal of {name} (m365 units):")
-                print("\n".join(guest_journal(path, workdir).splitlines()[-150:]))
+                lines = guest_journal(path, workdir).splitlines()
+                print(f"-- the guest journal of {name}: the enrolment's first lines (m365-enroll):")
+                print("\n".join([l for l in lines if "m365-enroll" in l or "enroll:" in l][:40]))
+                print(f"-- the guest journal of {name} (m365 units, last 150 lines):")
+                print("\n".join(lines[-150:]))
             elif name == "rx.log":
                 print("-- the receiver's log (last 60 lines):")
                 print("\n".join(open(path, errors="replace").read().splitlines()[-60:]))
