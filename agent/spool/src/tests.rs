@@ -26,6 +26,11 @@ fn commit(spool: &Spool, blob: &str, ids: &[u32]) -> CommitOutcome {
         .iter()
         .map(|i| (format!("id-{i}"), record(*i)))
         .collect();
+    commit_records(spool, blob, &bytes)
+}
+
+/// Commits blob `blob` of (Id, record JSON) pairs.
+fn commit_records(spool: &Spool, blob: &str, bytes: &[(String, Vec<u8>)]) -> CommitOutcome {
     let recs: Vec<RawRecord<'_>> = bytes
         .iter()
         .map(|(id, b)| RawRecord { id, bytes: b })
@@ -214,21 +219,7 @@ fn large_chunks_are_sent_as_their_stored_frames() {
             (format!("id-{i}"), json.into_bytes())
         })
         .collect();
-    let recs: Vec<RawRecord<'_>> = bytes
-        .iter()
-        .map(|(id, b)| RawRecord { id, bytes: b })
-        .collect();
-    spool
-        .commit_blob(&BlobCommit {
-            tenant_id: TENANT,
-            content_type: "Audit.General",
-            content_id: "big",
-            expires_unix: now_unix() + 86_400,
-            collected_at: "2026-11-25T10:00:00Z",
-            records: &recs,
-            cursor: None,
-        })
-        .expect("commit");
+    commit_records(&spool, "big", &bytes);
     let frames: Vec<Vec<u8>> = spool
         .g()
         .main
