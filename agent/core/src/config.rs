@@ -791,10 +791,9 @@ mod tests {
 
     #[test]
     fn reports_every_problem_at_once_with_its_field() {
-        let dir = std::env::temp_dir().join(format!("cfgtest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let secret = write(&dir, "s", "x", 0o644);
-        let token = write(&dir, "t", "x", 0o600);
+        let dir = tempfile::tempdir().expect("dir");
+        let secret = write(dir.path(), "s", "x", 0o644);
+        let token = write(dir.path(), "t", "x", 0o600);
         let text = format!(
             r#"
 [backend]
