@@ -53,10 +53,12 @@ mod dedup;
 mod gen;
 mod keys;
 mod runs;
+mod segments;
 
 pub use dedup::{DedupWindow, WindowFigures};
 pub use keys::{seen2_tree_name, seen_key, seen_key_v2, seen_tree_name};
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -249,6 +251,8 @@ pub struct Reclaimed {
 
 /// The dedup window's run files, under the spool directory (outside the sled generations).
 const DEDUP_DIR: &str = "dedup";
+/// The chunks' frames (`segments.rs`), outside every sled generation.
+const SEGMENTS_DIR: &str = "segments";
 
 /// After a drain the spool reclaims space on its own when its files are at least this large and twice
 /// what the last reclaim (or open) left: often enough to give a backlog's space back, rarely enough that
@@ -274,6 +278,8 @@ pub struct Spool {
     opts: SpoolOptions,
     max_bytes: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
+    /// Where the chunks' frames live (read without the lock; appended under it through `Inner`).
+    segments_dir: PathBuf,
     /// Tests: the next durability point fails once, as an fdatasync error would.
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
@@ -286,6 +292,7 @@ struct Inner {
     batch_pos: Pos,
     figures: Figures,
     seen: DedupWindow,
+    segments: segments::Segments,
     oldest_unbatched: Option<Instant>,
     /// Disk bytes right after the last reclaim (0 after open): the automatic reclaim's hysteresis.
     reclaim_floor: u64,
@@ -394,7 +401,10 @@ impl Spool {
         };
         let seen = DedupWindow::open(&g.db, &g.main, &dir.join(DEDUP_DIR))?;
         let oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
+        let segments_dir = dir.join(SEGMENTS_DIR);
+        let segments = segments::Segments::open(&segments_dir)?;
         let spool = Spool {
+            segments_dir,
             dir: dir.to_path_buf(),
             gen: Mutex::new(Arc::new(g)),
             _lock: lock,
@@ -409,11 +419,13 @@ impl Spool {
                 batch_pos,
                 figures,
                 seen,
+                segments,
                 oldest_unbatched,
                 reclaim_floor: 0,
             }),
         };
         spool.expire_seen()?;
+        spool.remove_unreferenced_segments(&mut spool.lock())?;
         Ok(spool)
     }
 
@@ -464,7 +476,8 @@ impl Spool {
         let mut in_blob: HashSet<&[u8]> = HashSet::with_capacity(all_keys.len());
         let mut duplicates = 0u64;
         let appended = now_ms();
-        let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
+        // (chunk number, header, zstd frame) of each new chunk.
+        let mut chunks: Vec<(u64, chunk::ChunkHeader, Vec<u8>)> = Vec::new();
         let mut lines = Vec::new();
         let mut in_chunk = 0u32;
         let mut raw_total = 0u64;
@@ -488,7 +501,7 @@ impl Spool {
             in_chunk += 1;
             if lines.len() >= chunk::MAX_RAW || in_chunk as usize >= chunk::MAX_RECORDS {
                 raw_total += lines.len() as u64;
-                chunks.push((next_chunk, chunk::encode(&lines, in_chunk, appended)?));
+                chunks.push(new_chunk(next_chunk, &lines, in_chunk, appended)?);
                 next_chunk += 1;
                 lines.clear();
                 in_chunk = 0;
@@ -496,7 +509,7 @@ impl Spool {
         }
         if in_chunk > 0 {
             raw_total += lines.len() as u64;
-            chunks.push((next_chunk, chunk::encode(&lines, in_chunk, appended)?));
+            chunks.push(new_chunk(next_chunk, &lines, in_chunk, appended)?);
             next_chunk += 1;
         }
         let spooled = new_ids.len() as u64;
@@ -505,7 +518,7 @@ impl Spool {
         figures.unbatched_records += spooled;
         figures.pending_raw_bytes += raw_total;
         figures.unbatched_raw_bytes += raw_total;
-        figures.stored_bytes += chunks.iter().map(|(_, v)| v.len() as u64).sum::<u64>();
+        figures.stored_bytes += chunks.iter().map(|c| c.2.len() as u64).sum::<u64>();
         let source = format!("{}/{}", c.tenant_id, c.content_type);
         let cursor = match c.cursor {
             Some(new) => Some(self.merged_cursor(&source, new)?),
@@ -516,9 +529,17 @@ impl Spool {
         let done_key = keys::done_key(&source, c.content_id);
         let cursor_key = keys::cursor_key(&source);
         let (log_key, log_value) = inner.seen.log_entry(today, &new_ids);
+        // The frames are durable in their segment before the transaction that references them.
+        let frames: Vec<&[u8]> = chunks.iter().map(|c| c.2.as_slice()).collect();
+        let locs = inner.segments.append(&frames)?;
+        let refs: Vec<(u64, Vec<u8>)> = chunks
+            .iter()
+            .zip(locs)
+            .map(|((seq, h, _), loc)| (*seq, chunk::encode_ref(h, loc)))
+            .collect();
         let g = self.g();
         let result: Result<(), TransactionError<()>> = g.main.transaction(|m| {
-            for (seq, v) in &chunks {
+            for (seq, v) in &refs {
                 m.insert(&keys::seq_key(keys::CHUNK, *seq), v.as_slice())?;
             }
             m.insert(done_key.as_slice(), done_value.as_slice())?;
@@ -721,9 +742,10 @@ impl Spool {
     }
 
     /// Bytes the spool really occupies on disk: allocated blocks of the sled generation in use (whose
-    /// files never shrink, see [`Spool::reclaim`]) and of the dedup window's run files.
+    /// files never shrink, see [`Spool::reclaim`]), of the segment files and of the dedup window's run
+    /// files.
     pub fn disk_bytes(&self) -> u64 {
-        self.sled_disk_bytes(&self.g().path) + disk_usage(&self.dir.join(DEDUP_DIR))
+        self.used_bytes() + disk_usage(&self.dir.join(DEDUP_DIR))
     }
 
     /// Allocated bytes of the sled generation at `path` (generation 0 is the spool directory itself:
@@ -735,7 +757,7 @@ impl Spool {
         std::fs::read_dir(path)
             .map(|rd| {
                 rd.flatten()
-                    .filter(|e| e.file_name() != DEDUP_DIR)
+                    .filter(|e| e.file_name() != DEDUP_DIR && e.file_name() != SEGMENTS_DIR)
                     .map(|e| disk_usage(&e.path()))
                     .sum()
             })
@@ -754,11 +776,12 @@ impl Spool {
             .store(max_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// What `max_bytes` caps: the bytes the spool's sled database really occupies on disk (records,
-    /// metadata, quarantine; its files only shrink when a drain is reclaimed). The dedup window's run
-    /// files are bounded by the window itself and do not count.
+    /// What `max_bytes` caps: the bytes the records really occupy on disk, in their segment files
+    /// (deleted whole once acknowledged) and in the sled database (metadata, quarantine; its files only
+    /// shrink when a drain is reclaimed). The dedup window's run files are bounded by the window itself
+    /// and do not count.
     pub fn used_bytes(&self) -> u64 {
-        self.sled_disk_bytes(&self.g().path)
+        self.sled_disk_bytes(&self.g().path) + disk_usage(&self.segments_dir)
     }
 
     /// Whether collection must pause: records are pending and the spool's disk use reached the cap. With
@@ -792,7 +815,7 @@ impl Spool {
         let mut taken = 0u64;
         for part in self.parts(start, end) {
             let (value, first, stop) = part?;
-            let (h, lines) = chunk::decode(&value)?;
+            let (h, lines) = self.decode(&value)?;
             for rec in chunk::records(&lines)
                 .take(stop.min(h.records) as usize)
                 .skip(first as usize)
@@ -878,7 +901,7 @@ impl Spool {
                 };
                 break;
             }
-            let (_, lines) = chunk::decode(&v)?;
+            let (_, lines) = self.decode(&v)?;
             for (i, rec) in chunk::records(&lines).enumerate().skip(first as usize) {
                 let i = i as u32;
                 if taken > 0 && (taken + 1 > max_records || raw + rec.len() as u64 > max_raw) {
@@ -897,6 +920,46 @@ impl Spool {
             }
         }
         Ok((first_taken, last, taken, raw))
+    }
+
+    /// A chunk's header and zstd frame: inline (version 1) or read from its segment, CRC-checked.
+    fn frame<'v>(
+        &self,
+        value: &'v [u8],
+    ) -> Result<(chunk::ChunkHeader, Cow<'v, [u8]>), SpoolError> {
+        let (h, body) = chunk::body(value)?;
+        let frame = match body {
+            chunk::Body::Inline(f) => Cow::Borrowed(f),
+            chunk::Body::InSegment(loc) => Cow::Owned(segments::read(&self.segments_dir, loc)?),
+        };
+        Ok((h, frame))
+    }
+
+    /// A chunk's header and lines.
+    fn decode(&self, value: &[u8]) -> Result<(chunk::ChunkHeader, Vec<u8>), SpoolError> {
+        let (h, frame) = self.frame(value)?;
+        Ok((h, chunk::decompress(&h, &frame)?))
+    }
+
+    /// Deletes the segment files no stored chunk references: those before the oldest chunk's (all but
+    /// the one being appended to when no chunk is stored). The chunks' removal is made durable first, so
+    /// that a crash cannot bring back a reference to a deleted file. While a chunk of version 1 (inline,
+    /// from before segments) is the oldest, every segment is kept.
+    fn remove_unreferenced_segments(&self, inner: &mut Inner) -> Result<(), SpoolError> {
+        let first_live = match self.g().main.scan_prefix([keys::CHUNK]).next() {
+            None => None,
+            Some(kv) => match chunk::body(&kv?.1)?.1 {
+                chunk::Body::InSegment(loc) => Some(loc.segment),
+                chunk::Body::Inline(_) => return Ok(()),
+            },
+        };
+        if inner.segments.removable(first_live) == 0 {
+            return Ok(());
+        }
+        self.make_durable("chunks freed before their segments are deleted")?;
+        let n = inner.segments.remove_before(first_live)?;
+        log::debug!(target: "spool", "deleted {n} segment file(s) no chunk references");
+        Ok(())
     }
 
     /// The NDJSON body of a batch: the same records in the same order on every call.
@@ -928,9 +991,9 @@ impl Spool {
                     out.extend_from_slice(&chunk::compress(&gathered)?);
                     gathered.clear();
                 }
-                out.extend_from_slice(chunk::frame(&value));
+                out.extend_from_slice(&self.frame(&value)?.1);
             } else {
-                let (_, lines) = chunk::decode(&value)?;
+                let (_, lines) = self.decode(&value)?;
                 for rec in chunk::records(&lines)
                     .take(stop as usize)
                     .skip(first as usize)
@@ -1022,8 +1085,12 @@ impl Spool {
         batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
         self.g().main.apply_batch(batch)?;
         inner.figures = figures;
-        // A lost deletion only causes a resend, answered 409: sled's flush suffices here.
+        // A lost deletion only causes a resend, answered 409: sled's flush suffices here (and a segment
+        // file is deleted only after the deletion is durable).
         self.g().db.flush()?;
+        if let Err(e) = self.remove_unreferenced_segments(&mut inner) {
+            log::warn!(target: "spool", "deleting the segment files of acknowledged records failed: {e}");
+        }
         if inner.figures.pending_records == 0 {
             let disk = self.sled_disk_bytes(&self.g().path);
             let large = disk >= RECLAIM_MIN_BYTES && disk >= inner.reclaim_floor.saturating_mul(2);
@@ -1073,7 +1140,7 @@ impl Spool {
             .range(keys::seq_key(keys::CHUNK, 0)..keys::seq_key(keys::CHUNK, bound))
         {
             let (k, v) = kv?;
-            figures.stored_bytes = figures.stored_bytes.saturating_sub(v.len() as u64);
+            figures.stored_bytes = figures.stored_bytes.saturating_sub(chunk::stored_len(&v)?);
             batch.remove(k);
         }
         Ok(())
@@ -1161,6 +1228,9 @@ impl Spool {
         inner.next_quarantine += 1;
         inner.figures = figures;
         self.make_durable(&format!("quarantine batch {seq}"))?;
+        if let Err(e) = self.remove_unreferenced_segments(&mut inner) {
+            log::warn!(target: "spool", "deleting the segment files of quarantined records failed: {e}");
+        }
         Ok(())
     }
 
@@ -1246,6 +1316,21 @@ impl Spool {
         let _inner = self.lock();
         self.make_durable("close")
     }
+}
+
+/// A new chunk of `records` envelope lines: its number, header and zstd frame.
+fn new_chunk(
+    seq: u64,
+    lines: &[u8],
+    records: u32,
+    appended_ms: u64,
+) -> Result<(u64, chunk::ChunkHeader, Vec<u8>), SpoolError> {
+    let h = chunk::ChunkHeader {
+        records,
+        raw_len: lines.len() as u32,
+        appended_ms,
+    };
+    Ok((seq, h, chunk::compress(lines)?))
 }
 
 /// Refuses a batch whose range no longer holds the records it was cut with.

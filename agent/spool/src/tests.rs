@@ -226,8 +226,9 @@ fn large_chunks_are_sent_as_their_stored_frames() {
         .scan_prefix([keys::CHUNK])
         .map(|kv| {
             let v = kv.expect("chunk").1;
-            assert!(chunk::header(&v).expect("header").raw_len as usize >= PASS_THROUGH_MIN_RAW);
-            chunk::frame(&v).to_vec()
+            let (h, frame) = spool.frame(&v).expect("frame");
+            assert!(h.raw_len as usize >= PASS_THROUGH_MIN_RAW);
+            frame.into_owned()
         })
         .collect();
     assert!(frames.len() >= 4, "{} chunks", frames.len());
@@ -725,4 +726,142 @@ fn a_failed_fdatasync_never_lets_the_next_step_overwrite_what_was_applied() {
     // After a restart (sled flushes on close), everything is there once.
     let spool = reopen(dir.path());
     assert_eq!(spool.figures().pending_records, 5);
+}
+
+/// The segment files in `dir`, by number.
+fn segment_files(dir: &std::path::Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir.join(SEGMENTS_DIR))
+        .expect("segments dir")
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".seg").and_then(|n| n.parse().ok())
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Records live in segment files, sled holds only small references; a segment file is deleted once no
+/// pending record is in it, and a reopened spool still reads the rest.
+#[test]
+fn records_live_in_segment_files_deleted_once_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    let mut n = 0u32;
+    let mut x = 1u64;
+    for blob in 0..40 {
+        let bytes: Vec<(String, Vec<u8>)> = (0..100)
+            .map(|_| {
+                n += 1;
+                // Pseudo-random pads hardly compress, so the frames fill several segments.
+                let pad: String = (0..40)
+                    .map(|_| {
+                        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                        format!("{:02x}", (x >> 56) as u8)
+                    })
+                    .collect();
+                let json = format!(r#"{{"Id":"id-{n}","pad":"{pad}"}}"#);
+                (format!("id-{n}"), json.into_bytes())
+            })
+            .collect();
+        commit_records(&spool, &format!("b{blob}"), &bytes);
+    }
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3, "{files:?}");
+    for kv in spool.g().main.scan_prefix([keys::CHUNK]) {
+        let v = kv.expect("chunk").1;
+        assert!(
+            v.len() <= 64,
+            "a chunk's sled value is a reference: {} bytes",
+            v.len()
+        );
+    }
+    // Deliver half: the files before the oldest pending record go.
+    let first = spool
+        .cut_batch(&limits(2_000), true)
+        .expect("cut")
+        .expect("batch");
+    spool.ack_batch(first.seq).expect("ack");
+    let left = segment_files(dir.path());
+    assert!(
+        !left.is_empty() && left[0] > files[0],
+        "{files:?} -> {left:?}"
+    );
+    drop(spool);
+    let spool = reopen(dir.path());
+    let mut ids = Vec::new();
+    while let Some(d) = spool.cut_batch(&limits(1_000), true).expect("cut") {
+        ids.extend(ids_of(&body_of(&spool, &d)));
+        spool.ack_batch(d.seq).expect("ack");
+    }
+    let want: Vec<String> = (2_001..=n).map(|i| format!("id-{i}")).collect();
+    assert_eq!(ids, want);
+    assert_eq!(
+        segment_files(dir.path()),
+        Vec::<u64>::new(),
+        "all delivered"
+    );
+    assert_eq!(spool.figures().stored_bytes, 0);
+}
+
+/// A spool written before segments keeps its chunks inline in sled (version 1): they are still read, in
+/// order with the new ones, and no segment file is deleted while they are the oldest.
+#[test]
+fn inline_chunks_of_a_spool_from_before_segments_are_still_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    commit(&spool, "old", &(0..300).collect::<Vec<_>>());
+    let main = spool.g().main.clone();
+    for kv in main.scan_prefix([keys::CHUNK]) {
+        let (k, v) = kv.expect("chunk");
+        let (h, lines) = spool.decode(&v).expect("decode");
+        let inline = chunk::encode_inline(&lines, h.records, h.appended_ms).expect("encode");
+        main.insert(k, inline).expect("rewrite");
+    }
+    drop(main);
+    drop(spool);
+    let spool = reopen(dir.path());
+    commit(&spool, "new", &(300..600).collect::<Vec<_>>());
+    let before = segment_files(dir.path());
+    let a = spool
+        .cut_batch(&limits(300), true)
+        .expect("cut")
+        .expect("batch");
+    let mut ids = ids_of(&body_of(&spool, &a));
+    let b = spool
+        .cut_batch(&limits(1_000), true)
+        .expect("cut")
+        .expect("batch");
+    ids.extend(ids_of(&body_of(&spool, &b)));
+    let want: Vec<String> = (0..600).map(|i| format!("id-{i}")).collect();
+    assert_eq!(ids, want);
+    assert_eq!(
+        segment_files(dir.path()),
+        before,
+        "the inline chunks are pending"
+    );
+}
+
+/// A frame damaged on disk is refused with the file and offset, not sent.
+#[test]
+fn a_damaged_segment_is_reported_with_its_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    commit(&spool, "b", &(0..50).collect::<Vec<_>>());
+    let seg = segment_files(dir.path())[0];
+    let path = segments::segment_path(&dir.path().join(SEGMENTS_DIR), seg);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&path, bytes).expect("write");
+    let d = spool
+        .cut_batch(&limits(100), true)
+        .expect("cut")
+        .expect("batch");
+    let err = spool.read_batch_zstd(&d).expect_err("damaged");
+    assert!(
+        err.to_string().contains(&path.display().to_string()) && err.to_string().contains("CRC"),
+        "{err}"
+    );
 }

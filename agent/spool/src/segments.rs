@@ -1,0 +1,236 @@
+//! Segments: append-only files that hold the chunks' zstd frames outside sled
+//! (`<spool>/segments/<n>.seg`), so that sled holds only small values (chunk references, batches,
+//! metadata) and its memory, which follows the bytes it has written (spacejam/sled#1093), stays small
+//! under a multi-gigabyte backlog.
+//!
+//! Invariants:
+//! - A frame is written, and its segment file `fdatasync`ed (with the directory, for a new file), before
+//!   the sled transaction that references it: a durable reference never points at bytes that are not.
+//! - A segment is only appended to, by the one process that holds the spool's lock, and only in the run
+//!   that created it: every open starts a new segment, so a torn tail of a crashed run is never
+//!   extended, and bytes no reference points at (a commit that failed or crashed) are simply never read.
+//! - Chunk numbers and segment numbers grow together, so every segment before the one holding the oldest
+//!   stored chunk holds nothing still referenced: [`Segments::remove_before`] deletes those whole files.
+//!   The segment being appended to is never deleted.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::{io_err, SpoolError};
+
+/// A segment is closed, and the next frame starts a new file, once it holds this many bytes (tests use
+/// small segments, so that their spools span several).
+pub(crate) const SEGMENT_BYTES: u64 = if cfg!(test) { 16 << 10 } else { 32 << 20 };
+
+/// Where a frame lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Loc {
+    /// The segment's number.
+    pub segment: u64,
+    /// The frame's first byte in the segment.
+    pub offset: u64,
+    /// The frame's length.
+    pub len: u32,
+    /// CRC-32 of the frame, checked on every read.
+    pub crc: u32,
+}
+
+/// The segment files of one spool. Appends need `&mut` (the spool's lock); reads only the directory.
+pub(crate) struct Segments {
+    dir: PathBuf,
+    /// The segments on disk, in order (the active one included).
+    on_disk: BTreeSet<u64>,
+    /// The segment this run appends to, and its length; none before the first append.
+    active: Option<(u64, File, u64)>,
+    /// The number the next new segment gets.
+    next: u64,
+}
+
+/// The file of segment `n`.
+pub(crate) fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n}.seg"))
+}
+
+impl Segments {
+    /// Opens the segment directory (created when missing). Nothing is appended to an existing segment.
+    pub(crate) fn open(dir: &Path) -> Result<Segments, SpoolError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut on_disk = BTreeSet::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                Some(n) => {
+                    on_disk.insert(n);
+                }
+                None => {
+                    log::warn!(target: "spool", "{}: not a segment file; left alone", entry.path().display())
+                }
+            }
+        }
+        let next = on_disk.last().map_or(0, |n| n + 1);
+        Ok(Segments {
+            dir: dir.to_path_buf(),
+            on_disk,
+            active: None,
+            next,
+        })
+    }
+
+    /// Appends `frames` in order and makes them durable (file, and the directory for a new file).
+    /// Returns where each one lives. A frame never spans two segments.
+    pub(crate) fn append(&mut self, frames: &[&[u8]]) -> Result<Vec<Loc>, SpoolError> {
+        let mut locs = Vec::with_capacity(frames.len());
+        let mut new_file = false;
+        for frame in frames {
+            let full = matches!(&self.active, Some((_, _, len)) if *len >= SEGMENT_BYTES);
+            if full {
+                self.sync_active()?;
+                self.active = None;
+            }
+            if self.active.is_none() {
+                let n = self.next;
+                let path = segment_path(&self.dir, n);
+                let file = File::options()
+                    .create_new(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                self.next += 1;
+                self.on_disk.insert(n);
+                self.active = Some((n, file, 0));
+                new_file = true;
+            }
+            let Some((n, file, len)) = self.active.as_mut() else {
+                continue;
+            };
+            let frame_len = u32::try_from(frame.len())
+                .map_err(|_| SpoolError::Corrupt(format!("a frame of {} bytes", frame.len())))?;
+            file.write_all(frame)
+                .map_err(io_err(&segment_path(&self.dir, *n)))?;
+            locs.push(Loc {
+                segment: *n,
+                offset: *len,
+                len: frame_len,
+                crc: crc32fast::hash(frame),
+            });
+            *len += u64::from(frame_len);
+        }
+        self.sync_active()?;
+        if new_file {
+            crate::gen::sync_dir(&self.dir)?;
+        }
+        Ok(locs)
+    }
+
+    fn sync_active(&self) -> Result<(), SpoolError> {
+        match &self.active {
+            Some((n, file, _)) => file
+                .sync_data()
+                .map_err(io_err(&segment_path(&self.dir, *n))),
+            None => Ok(()),
+        }
+    }
+
+    /// How many segments [`Segments::remove_before`] would delete.
+    pub(crate) fn removable(&self, first_live: Option<u64>) -> usize {
+        self.stale(first_live).count()
+    }
+
+    fn stale(&self, first_live: Option<u64>) -> impl Iterator<Item = u64> + '_ {
+        let active = self.active.as_ref().map(|(n, _, _)| *n);
+        let bound = first_live.unwrap_or(u64::MAX);
+        self.on_disk
+            .iter()
+            .copied()
+            .filter(move |&n| n < bound && Some(n) != active)
+    }
+
+    /// Deletes every segment before `first_live` (all of them with `None`: no chunk is stored), except
+    /// the one being appended to. Returns how many files were deleted.
+    pub(crate) fn remove_before(&mut self, first_live: Option<u64>) -> Result<usize, SpoolError> {
+        let stale: Vec<u64> = self.stale(first_live).collect();
+        for n in &stale {
+            let path = segment_path(&self.dir, *n);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+            self.on_disk.remove(n);
+        }
+        Ok(stale.len())
+    }
+}
+
+/// Reads the frame at `loc` from the segments in `dir`, checking its length and CRC.
+pub(crate) fn read(dir: &Path, loc: Loc) -> Result<Vec<u8>, SpoolError> {
+    let path = segment_path(dir, loc.segment);
+    let file = File::open(&path).map_err(io_err(&path))?;
+    let mut buf = vec![0u8; loc.len as usize];
+    file.read_exact_at(&mut buf, loc.offset)
+        .map_err(io_err(&path))?;
+    if crc32fast::hash(&buf) != loc.crc {
+        return Err(SpoolError::Corrupt(format!(
+            "{}: the frame at byte {} ({} bytes) fails its CRC",
+            path.display(),
+            loc.offset,
+            loc.len
+        )));
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_read_back_and_a_flipped_byte_is_refused() {
+        let d = tempfile::tempdir().expect("dir");
+        let mut s = Segments::open(d.path()).expect("open");
+        let locs = s.append(&[b"first", b"second"]).expect("append");
+        assert_eq!(read(d.path(), locs[0]).expect("read"), b"first");
+        assert_eq!(read(d.path(), locs[1]).expect("read"), b"second");
+        let path = segment_path(d.path(), locs[1].segment);
+        let mut bytes = std::fs::read(&path).expect("file");
+        bytes[locs[1].offset as usize] ^= 1;
+        std::fs::write(&path, bytes).expect("write");
+        let err = read(d.path(), locs[1]).expect_err("corrupt");
+        assert!(err.to_string().contains("CRC"), "{err}");
+    }
+
+    #[test]
+    fn a_reopen_starts_a_new_segment_and_old_ones_go_whole() {
+        let d = tempfile::tempdir().expect("dir");
+        let first = Segments::open(d.path())
+            .and_then(|mut s| s.append(&[b"a"]))
+            .expect("append");
+        let mut s = Segments::open(d.path()).expect("reopen");
+        let second = s.append(&[b"b"]).expect("append");
+        assert!(second[0].segment > first[0].segment);
+        // Nothing before the segment of the oldest live chunk is referenced.
+        assert_eq!(s.remove_before(Some(second[0].segment)).expect("gc"), 1);
+        assert!(read(d.path(), first[0]).is_err());
+        // The active segment stays even when nothing is stored.
+        assert_eq!(s.remove_before(None).expect("gc"), 0);
+        assert_eq!(read(d.path(), second[0]).expect("read"), b"b");
+    }
+
+    #[test]
+    fn a_full_segment_is_closed_and_the_next_frame_starts_a_new_one() {
+        let d = tempfile::tempdir().expect("dir");
+        let mut s = Segments::open(d.path()).expect("open");
+        let big = vec![7u8; SEGMENT_BYTES as usize];
+        let locs = s.append(&[&big, b"next"]).expect("append");
+        assert_eq!(locs[0].segment + 1, locs[1].segment);
+        assert_eq!(locs[1].offset, 0);
+        assert_eq!(read(d.path(), locs[1]).expect("read"), b"next");
+    }
+}
