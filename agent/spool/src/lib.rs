@@ -1,16 +1,19 @@
 //! The durable spool: a FIFO of audit records between the collectors and the relay, on sled.
 //!
 //! # Durability contract
-//! - [`Spool::commit_blob`] writes, in ONE sled transaction, a blob's new records (as chunks of envelope
-//!   lines), the blob's done-mark, the record Ids it adds to the dedup window and the collector's cursor;
-//!   then calls `Db::flush()` and a real `fdatasync` of sled's data file (`flush()` alone only issues
-//!   `sync_file_range`: see `shared/design/crate-notes.md`). It returns only after both. A caller may treat
+//! - [`Spool::commit_blob`] appends a blob's new records (chunks of envelope lines, zstd frames) to a
+//!   segment file and `fdatasync`s it (`segments.rs`); then writes, in ONE sled transaction, a reference
+//!   to each chunk, the blob's done-mark, the record Ids it adds to the dedup window and the collector's
+//!   cursor; then calls `Db::flush()` and a real `fdatasync` of sled's data file (`flush()` alone only
+//!   issues `sync_file_range`: see `shared/design/crate-notes.md`). It returns only after all three. A caller may treat
 //!   the blob as done, and its cursor as advanced, only after `commit_blob` returned `Ok`.
 //! - [`Spool::cut_batch`] persists a batch descriptor (its sequence number, which is its Idempotency-Key,
 //!   and the exact record range it covers) and the next batch number, made durable the same way, before it
 //!   returns: a batch is sent only after that. The records of a batch are never changed or deleted while
 //!   the batch exists, so every retry of a key carries the same records in the same order, also after a
 //!   crash or a power cut. Batch numbers never decrease and are never reused.
+//! - A segment file is deleted only after the removal of every chunk in it is durable (see
+//!   `remove_unreferenced_segments`).
 //! - Records are deleted only by [`Spool::ack_batch`] (the backend stored them) or moved to quarantine by
 //!   [`Spool::quarantine_batch`]; nothing is ever dropped to make room. When the spool's disk use
 //!   ([`Spool::used_bytes`]) reaches `max_bytes` while records are pending, [`Spool::is_full`] is true
@@ -26,7 +29,9 @@
 //! atomically; recovery removes every other generation (`gen.rs`).
 //! ```text
 //! main tree:
-//!   'C' seq:u64be              -> chunk: b'c' 1 records:u32be raw_len:u32be appended_ms:u64be zstd(lines)
+//!   'C' seq:u64be              -> chunk: b'c' 2 records:u32be raw_len:u32be appended_ms:u64be, then
+//!                                 segment:u64be offset:u64be len:u32be crc32:u32be of its zstd(lines)
+//!                                 frame (version 1, older spools: b'c' 1 ... and the frame inline)
 //!   'B' seq:u64be              -> BatchDesc (JSON): the half-open record range [start, end) it covers
 //!   'D' source 0x00 content_id -> done-mark: expires_unix:i64be kind:u8 (0 spooled, 1 expired, 2 quarantined)
 //!   'K' source                 -> Cursor (JSON)
@@ -35,6 +40,8 @@
 //!                                 figures (JSON)
 //!   'L' day:u32be seq:u64be    -> dedup log: the keys::seen_key_v2 keys a blob added (LEB128 length + bytes
 //!                                 each), until they are in a run file (dedup.rs)
+//! <dir>/segments/<n>.seg: the chunks' zstd frames, append-only; deleted whole once every chunk in them
+//!   is gone (segments.rs)
 //! <dir>/dedup/<day>-<seq>.run: sorted dedup keys of one UTC day, outside sled (runs.rs); whole days are
 //!   deleted after dedup_days
 //! tree "seen2-<day>" (format 2, older versions): keys::seen_key_v2(tenant_id, record_id) -> () ; read

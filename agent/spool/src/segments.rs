@@ -9,9 +9,9 @@
 //! - A segment is only appended to, by the one process that holds the spool's lock, and only in the run
 //!   that created it: every open starts a new segment, so a torn tail of a crashed run is never
 //!   extended, and bytes no reference points at (a commit that failed or crashed) are simply never read.
+//!   It is deleted only when no chunk is stored at all, and the next append then starts a new one.
 //! - Chunk numbers and segment numbers grow together, so every segment before the one holding the oldest
 //!   stored chunk holds nothing still referenced: [`Segments::remove_before`] deletes those whole files.
-//!   The segment being appended to is never deleted.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -24,6 +24,10 @@ use crate::{io_err, SpoolError};
 /// A segment is closed, and the next frame starts a new file, once it holds this many bytes (tests use
 /// small segments, so that their spools span several).
 pub(crate) const SEGMENT_BYTES: u64 = if cfg!(test) { 16 << 10 } else { 32 << 20 };
+
+/// With no chunk stored, the segment being appended to is kept below this size (a spool that empties
+/// after every small live batch does not create and delete a file each time).
+pub(crate) const ACTIVE_KEPT_MAX: u64 = 1 << 20;
 
 /// Where a frame lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +148,13 @@ impl Segments {
     }
 
     fn stale(&self, first_live: Option<u64>) -> impl Iterator<Item = u64> + '_ {
-        let active = self.active.as_ref().map(|(n, _, _)| *n);
+        // With a chunk stored, the active segment is at or after its segment anyway; kept explicitly.
+        // With none, it goes once it is worth a new file (not after every small live batch).
+        let active = match &self.active {
+            Some((_, _, len)) if first_live.is_none() && *len >= ACTIVE_KEPT_MAX => None,
+            Some((n, _, _)) => Some(*n),
+            None => None,
+        };
         let bound = first_live.unwrap_or(u64::MAX);
         self.on_disk
             .iter()
@@ -152,10 +162,15 @@ impl Segments {
             .filter(move |&n| n < bound && Some(n) != active)
     }
 
-    /// Deletes every segment before `first_live` (all of them with `None`: no chunk is stored), except
-    /// the one being appended to. Returns how many files were deleted.
+    /// Deletes every segment before `first_live`, the segment of the oldest stored chunk, except the one
+    /// being appended to; with `None` (no chunk is stored) every segment, the one being appended to
+    /// included once it holds [`ACTIVE_KEPT_MAX`] bytes (the next append starts a new one). Returns how
+    /// many files were deleted.
     pub(crate) fn remove_before(&mut self, first_live: Option<u64>) -> Result<usize, SpoolError> {
         let stale: Vec<u64> = self.stale(first_live).collect();
+        if matches!(&self.active, Some((n, _, _)) if stale.contains(n)) {
+            self.active = None;
+        }
         for n in &stale {
             let path = segment_path(&self.dir, *n);
             match std::fs::remove_file(&path) {
@@ -218,9 +233,16 @@ mod tests {
         // Nothing before the segment of the oldest live chunk is referenced.
         assert_eq!(s.remove_before(Some(second[0].segment)).expect("gc"), 1);
         assert!(read(d.path(), first[0]).is_err());
-        // The active segment stays even when nothing is stored.
-        assert_eq!(s.remove_before(None).expect("gc"), 0);
+        // The active segment stays while a chunk may be in it, and goes when none is stored.
+        assert_eq!(s.remove_before(Some(second[0].segment)).expect("gc"), 0);
         assert_eq!(read(d.path(), second[0]).expect("read"), b"b");
+        let fill = vec![1u8; ACTIVE_KEPT_MAX as usize];
+        assert_eq!(s.remove_before(None).expect("gc"), 0, "small: kept");
+        s.append(&[&fill]).expect("fill");
+        assert_eq!(s.remove_before(None).expect("gc"), 1);
+        let third = s.append(&[b"c"]).expect("append after");
+        assert!(third[0].segment > second[0].segment);
+        assert_eq!(read(d.path(), third[0]).expect("read"), b"c");
     }
 
     #[test]
