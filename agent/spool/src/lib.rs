@@ -5,8 +5,9 @@
 //!   segment file and `fdatasync`s it (`segments.rs`); then writes, in ONE sled transaction, a reference
 //!   to each chunk, the blob's done-mark, the record Ids it adds to the dedup window and the collector's
 //!   cursor; then calls `Db::flush()` and a real `fdatasync` of sled's data file (`flush()` alone only
-//!   issues `sync_file_range`: see `shared/design/crate-notes.md`). It returns only after all three. A caller may treat
-//!   the blob as done, and its cursor as advanced, only after `commit_blob` returned `Ok`.
+//!   issues `sync_file_range`: see `shared/design/crate-notes.md`). It returns only after all three. A
+//!   caller may treat the blob as done, and its cursor as advanced, only after `commit_blob` returned
+//!   `Ok`.
 //! - [`Spool::cut_batch`] persists a batch descriptor (its sequence number, which is its Idempotency-Key,
 //!   and the exact record range it covers) and the next batch number, made durable the same way, before it
 //!   returns: a batch is sent only after that. The records of a batch are never changed or deleted while
@@ -409,7 +410,14 @@ impl Spool {
         let seen = DedupWindow::open(&g.db, &g.main, &dir.join(DEDUP_DIR))?;
         let oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
         let segments_dir = dir.join(SEGMENTS_DIR);
-        let segments = segments::Segments::open(&segments_dir)?;
+        let newest_referenced = match g.main.scan_prefix([keys::CHUNK]).next_back() {
+            Some(kv) => match chunk::body(&kv?.1)?.1 {
+                chunk::Body::InSegment(loc) => Some(loc.segment),
+                chunk::Body::Inline(_) => None,
+            },
+            None => None,
+        };
+        let segments = segments::Segments::open(&segments_dir, newest_referenced)?;
         let spool = Spool {
             segments_dir,
             dir: dir.to_path_buf(),

@@ -59,8 +59,10 @@ pub(crate) fn segment_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 impl Segments {
-    /// Opens the segment directory (created when missing). Nothing is appended to an existing segment.
-    pub(crate) fn open(dir: &Path) -> Result<Segments, SpoolError> {
+    /// Opens the segment directory (created when missing). Nothing is appended to an existing segment,
+    /// and new segments are numbered after every file on disk and after `referenced` (the newest segment
+    /// a stored chunk names), so a number is never reused while a reference to it may exist.
+    pub(crate) fn open(dir: &Path, referenced: Option<u64>) -> Result<Segments, SpoolError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut on_disk = BTreeSet::new();
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
@@ -78,7 +80,7 @@ impl Segments {
                 }
             }
         }
-        let next = on_disk.last().map_or(0, |n| n + 1);
+        let next = on_disk.last().copied().max(referenced).map_or(0, |n| n + 1);
         Ok(Segments {
             dir: dir.to_path_buf(),
             on_disk,
@@ -88,8 +90,18 @@ impl Segments {
     }
 
     /// Appends `frames` in order and makes them durable (file, and the directory for a new file).
-    /// Returns where each one lives. A frame never spans two segments.
+    /// Returns where each one lives. A frame never spans two segments. After a failed write or sync the
+    /// segment is abandoned (its length in memory may no longer match the file's): the next append starts
+    /// a new one.
     pub(crate) fn append(&mut self, frames: &[&[u8]]) -> Result<Vec<Loc>, SpoolError> {
+        let result = self.append_to_active(frames);
+        if result.is_err() {
+            self.active = None;
+        }
+        result
+    }
+
+    fn append_to_active(&mut self, frames: &[&[u8]]) -> Result<Vec<Loc>, SpoolError> {
         let mut locs = Vec::with_capacity(frames.len());
         let mut new_file = false;
         for frame in frames {
@@ -209,7 +221,7 @@ mod tests {
     #[test]
     fn frames_read_back_and_a_flipped_byte_is_refused() {
         let d = tempfile::tempdir().expect("dir");
-        let mut s = Segments::open(d.path()).expect("open");
+        let mut s = Segments::open(d.path(), None).expect("open");
         let locs = s.append(&[b"first", b"second"]).expect("append");
         assert_eq!(read(d.path(), locs[0]).expect("read"), b"first");
         assert_eq!(read(d.path(), locs[1]).expect("read"), b"second");
@@ -224,10 +236,10 @@ mod tests {
     #[test]
     fn a_reopen_starts_a_new_segment_and_old_ones_go_whole() {
         let d = tempfile::tempdir().expect("dir");
-        let first = Segments::open(d.path())
+        let first = Segments::open(d.path(), None)
             .and_then(|mut s| s.append(&[b"a"]))
             .expect("append");
-        let mut s = Segments::open(d.path()).expect("reopen");
+        let mut s = Segments::open(d.path(), None).expect("reopen");
         let second = s.append(&[b"b"]).expect("append");
         assert!(second[0].segment > first[0].segment);
         // Nothing before the segment of the oldest live chunk is referenced.
@@ -246,9 +258,16 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_not_reused_while_a_reference_may_name_them() {
+        let d = tempfile::tempdir().expect("dir");
+        let mut s = Segments::open(d.path(), Some(41)).expect("open");
+        assert_eq!(s.append(&[b"x"]).expect("append")[0].segment, 42);
+    }
+
+    #[test]
     fn a_full_segment_is_closed_and_the_next_frame_starts_a_new_one() {
         let d = tempfile::tempdir().expect("dir");
-        let mut s = Segments::open(d.path()).expect("open");
+        let mut s = Segments::open(d.path(), None).expect("open");
         let big = vec![7u8; SEGMENT_BYTES as usize];
         let locs = s.append(&[&big, b"next"]).expect("append");
         assert_eq!(locs[0].segment + 1, locs[1].segment);
