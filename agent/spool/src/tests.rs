@@ -57,6 +57,14 @@ fn ids_of(ndjson: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// Cuts the next batch of at most `max_records` now; there must be one.
+fn cut(spool: &Spool, max_records: u64) -> BatchDesc {
+    spool
+        .cut_batch(&limits(max_records), true)
+        .expect("cut")
+        .expect("a batch")
+}
+
 fn limits(max_records: u64) -> BatchLimits {
     BatchLimits {
         max_records,
@@ -233,16 +241,10 @@ fn large_chunks_are_sent_as_their_stored_frames() {
         .collect();
     assert!(frames.len() >= 4, "{} chunks", frames.len());
     // 100 records: inside the first chunk, compressed again.
-    let a = spool
-        .cut_batch(&limits(100), true)
-        .expect("cut")
-        .expect("batch");
+    let a = cut(&spool, 100);
     let mut ids = ids_of(&body_of(&spool, &a));
     // The rest: the first chunk's remainder compressed again, then the other chunks as stored.
-    let b = spool
-        .cut_batch(&limits(1_000), true)
-        .expect("cut")
-        .expect("batch");
+    let b = cut(&spool, 1_000);
     let wire = spool.read_batch_zstd(&b).expect("zstd");
     let has = |frame: &[u8]| wire.windows(frame.len()).any(|w| w == frame);
     assert!(!has(&frames[0]) && has(&frames[1]) && has(&frames[2]));
@@ -558,10 +560,7 @@ fn check_after_reclaim(
         2,
         "dedup survived (an Id in a run file and one in the log)"
     );
-    let d = spool
-        .cut_batch(&limits(500), true)
-        .expect("cut")
-        .expect("a batch");
+    let d = cut(spool, 500);
     assert_eq!(d.seq, 3, "batch numbers are never reused");
     assert_eq!(ids_of(&body_of(spool, &d)), vec!["id-700".to_string()]);
     spool.ack_batch(d.seq).expect("ack");
@@ -705,10 +704,7 @@ fn a_failed_fdatasync_never_lets_the_next_step_overwrite_what_was_applied() {
     assert_eq!(commit(&spool, "b2", &[10, 11]).spooled, 2);
     fail_next();
     assert!(spool.cut_batch(&limits(2), true).is_err());
-    let second = spool
-        .cut_batch(&limits(100), true)
-        .expect("cut")
-        .expect("a batch");
+    let second = cut(&spool, 100);
     assert_eq!(
         second.seq, 2,
         "batch 1 was applied; its number is not reused"
@@ -778,10 +774,7 @@ fn records_live_in_segment_files_deleted_once_acknowledged() {
         );
     }
     // Deliver half: the files before the oldest pending record go.
-    let first = spool
-        .cut_batch(&limits(2_000), true)
-        .expect("cut")
-        .expect("batch");
+    let first = cut(&spool, 2_000);
     spool.ack_batch(first.seq).expect("ack");
     let left = segment_files(dir.path());
     assert!(
@@ -824,15 +817,9 @@ fn inline_chunks_of_a_spool_from_before_segments_are_still_read() {
     let spool = reopen(dir.path());
     commit(&spool, "new", &(300..600).collect::<Vec<_>>());
     let before = segment_files(dir.path());
-    let a = spool
-        .cut_batch(&limits(300), true)
-        .expect("cut")
-        .expect("batch");
+    let a = cut(&spool, 300);
     let mut ids = ids_of(&body_of(&spool, &a));
-    let b = spool
-        .cut_batch(&limits(1_000), true)
-        .expect("cut")
-        .expect("batch");
+    let b = cut(&spool, 1_000);
     ids.extend(ids_of(&body_of(&spool, &b)));
     let want: Vec<String> = (0..600).map(|i| format!("id-{i}")).collect();
     assert_eq!(ids, want);
@@ -855,10 +842,7 @@ fn a_damaged_segment_is_reported_with_its_file() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     std::fs::write(&path, bytes).expect("write");
-    let d = spool
-        .cut_batch(&limits(100), true)
-        .expect("cut")
-        .expect("batch");
+    let d = cut(&spool, 100);
     let err = spool.read_batch_zstd(&d).expect_err("damaged");
     assert!(
         err.to_string().contains(&path.display().to_string()) && err.to_string().contains("CRC"),
