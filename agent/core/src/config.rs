@@ -682,8 +682,19 @@ fn unknown_keys(v: &toml::Value) -> Vec<ConfigProblem> {
     let mut check = |table: Option<&toml::value::Table>, prefix: &str, known: &[&str]| {
         for key in table.into_iter().flat_map(|t| t.keys()) {
             if !known.contains(&key.as_str()) {
+                // A key that is not bare in TOML (empty, spaces, dots) is shown quoted, so it is never
+                // an empty or ambiguous field name.
+                let bare = !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                let shown = if bare {
+                    key.clone()
+                } else {
+                    format!("{key:?}")
+                };
                 out.push(ConfigProblem {
-                    field: format!("{prefix}{key}"),
+                    field: format!("{prefix}{shown}"),
                     reason: format!("unknown key; expected one of {}", known.join(", ")),
                 });
             }
@@ -831,6 +842,18 @@ backfill_hours = 200
         )
         .expect_err("unknown key");
         assert!(unknown.to_string().contains("bogus"), "{unknown}");
+    }
+
+    /// Found by `make fuzz` (input `''=3`): an empty key was reported with an empty field name.
+    #[test]
+    fn a_key_that_is_not_bare_is_named_quoted() {
+        let err = Config::from_toml("''=3\n\"a b\"=1\n", Path::new("s.toml")).expect_err("unknown");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert!(fields.contains(&"\"\""), "{fields:?}");
+        assert!(fields.contains(&"\"a b\""), "{fields:?}");
     }
 
     #[test]
