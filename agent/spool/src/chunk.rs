@@ -121,6 +121,14 @@ pub fn body(value: &[u8]) -> Result<(ChunkHeader, Body<'_>), SpoolError> {
     Ok((h, body))
 }
 
+/// The segment holding an encoded chunk's frame; `None` for a version-1 chunk (frame inline).
+pub fn segment_of(value: &[u8]) -> Result<Option<u64>, SpoolError> {
+    Ok(match body(value)?.1 {
+        Body::InSegment(loc) => Some(loc.segment),
+        Body::Inline(_) => None,
+    })
+}
+
 /// The bytes the chunk's frame occupies (inline or in its segment).
 pub fn stored_len(value: &[u8]) -> Result<u64, SpoolError> {
     Ok(match body(value)?.1 {

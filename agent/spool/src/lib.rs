@@ -411,10 +411,7 @@ impl Spool {
         let oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
         let segments_dir = dir.join(SEGMENTS_DIR);
         let newest_referenced = match g.main.scan_prefix([keys::CHUNK]).next_back() {
-            Some(kv) => match chunk::body(&kv?.1)?.1 {
-                chunk::Body::InSegment(loc) => Some(loc.segment),
-                chunk::Body::Inline(_) => None,
-            },
+            Some(kv) => chunk::segment_of(&kv?.1)?,
             None => None,
         };
         let segments = segments::Segments::open(&segments_dir, newest_referenced)?;
@@ -963,9 +960,9 @@ impl Spool {
     fn remove_unreferenced_segments(&self, inner: &mut Inner) -> Result<(), SpoolError> {
         let first_live = match self.g().main.scan_prefix([keys::CHUNK]).next() {
             None => None,
-            Some(kv) => match chunk::body(&kv?.1)?.1 {
-                chunk::Body::InSegment(loc) => Some(loc.segment),
-                chunk::Body::Inline(_) => return Ok(()),
+            Some(kv) => match chunk::segment_of(&kv?.1)? {
+                Some(n) => Some(n),
+                None => return Ok(()),
             },
         };
         if inner.segments.removable(first_live) == 0 {

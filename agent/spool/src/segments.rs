@@ -53,6 +53,11 @@ pub(crate) struct Segments {
     next: u64,
 }
 
+/// The number of a segment's file name (`<n>.seg`).
+pub(crate) fn parse_name(name: &str) -> Option<u64> {
+    name.strip_suffix(".seg")?.parse().ok()
+}
+
 /// The file of segment `n`.
 pub(crate) fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n}.seg"))
@@ -68,10 +73,7 @@ impl Segments {
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            match name
-                .strip_suffix(".seg")
-                .and_then(|n| n.parse::<u64>().ok())
-            {
+            match parse_name(&name) {
                 Some(n) => {
                     on_disk.insert(n);
                 }

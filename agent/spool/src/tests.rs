@@ -731,7 +731,7 @@ fn segment_files(dir: &std::path::Path) -> Vec<u64> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_suffix(".seg").and_then(|n| n.parse().ok())
+            segments::parse_name(&name)
         })
         .collect();
     v.sort_unstable();
