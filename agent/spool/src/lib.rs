@@ -304,6 +304,26 @@ struct Inner {
     oldest_unbatched: Option<Instant>,
     /// Disk bytes right after the last reclaim (0 after open): the automatic reclaim's hysteresis.
     reclaim_floor: u64,
+    /// Blobs committed since open: a commit whose Ids were checked against the window before another
+    /// commit logged its own checks them again.
+    commits: u64,
+}
+
+impl Inner {
+    /// Which of the blob's records are new: among those `candidates` marks, the ones whose Id is not in
+    /// the dedup window.
+    fn not_in_window(
+        &self,
+        c: &BlobCommit<'_>,
+        keys: &[Vec<u8>],
+        candidates: &[bool],
+    ) -> Result<Vec<bool>, SpoolError> {
+        let mut fresh = Vec::with_capacity(keys.len());
+        for ((r, key), candidate) in c.records.iter().zip(keys).zip(candidates) {
+            fresh.push(*candidate && !self.seen.contains(key, c.tenant_id, r.id)?);
+        }
+        Ok(fresh)
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -434,6 +454,7 @@ impl Spool {
                 segments,
                 oldest_unbatched,
                 reclaim_floor: 0,
+                commits: 0,
             }),
         };
         spool.expire_seen()?;
@@ -480,50 +501,43 @@ impl Spool {
     /// Commits one blob atomically (see the module header). Records whose Id is in the dedup window, or
     /// repeated within the blob, are dropped and counted.
     pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
-        let mut inner = self.lock();
         let today = day_of(now_unix());
         let seen_keys = keys::SeenKeys::new(c.tenant_id);
         let all_keys: Vec<Vec<u8>> = c.records.iter().map(|r| seen_keys.key(r.id)).collect();
-        let mut new_ids: Vec<&[u8]> = Vec::with_capacity(all_keys.len());
+        // A repeat within the blob is a duplicate of its first occurrence.
         let mut in_blob: HashSet<&[u8]> = HashSet::with_capacity(all_keys.len());
-        let mut duplicates = 0u64;
-        let appended = now_ms();
-        // (chunk number, header, zstd frame) of each new chunk.
-        let mut chunks: Vec<(u64, chunk::ChunkHeader, Vec<u8>)> = Vec::new();
-        let mut lines = Vec::new();
-        let mut in_chunk = 0u32;
-        let mut raw_total = 0u64;
-        let mut next_chunk = inner.next_chunk;
-        for (r, key) in c.records.iter().zip(&all_keys) {
-            // A repeat within the blob, or an Id of the window (remembered here too: later repeats of it
-            // in this blob are duplicates either way).
-            if !in_blob.insert(key) || inner.seen.contains(key, c.tenant_id, r.id)? {
-                duplicates += 1;
-                continue;
-            }
-            new_ids.push(key);
-            sensor_core::envelope::write_envelope(
-                &mut lines,
-                c.tenant_id,
-                c.content_type,
-                c.content_id,
-                c.collected_at,
-                r.bytes,
-            );
-            in_chunk += 1;
-            if lines.len() >= chunk::MAX_RAW || in_chunk as usize >= chunk::MAX_RECORDS {
-                raw_total += lines.len() as u64;
-                chunks.push(new_chunk(next_chunk, &lines, in_chunk, appended)?);
-                next_chunk += 1;
-                lines.clear();
-                in_chunk = 0;
+        let first: Vec<bool> = all_keys.iter().map(|k| in_blob.insert(k)).collect();
+        // The window is checked under the lock, the chunks built and compressed outside it (so that
+        // concurrent collectors use both cores), and the window checked again under the lock if another
+        // commit logged Ids in between: an Id that commit spooled is a duplicate here.
+        let (mut fresh, checked_at) = {
+            let inner = self.lock();
+            (inner.not_in_window(c, &all_keys, &first)?, inner.commits)
+        };
+        let mut built = BuiltChunks::build(c, &fresh)?;
+        let mut inner = self.lock();
+        if inner.commits != checked_at {
+            let again = inner.not_in_window(c, &all_keys, &fresh)?;
+            if again != fresh {
+                fresh = again;
+                built = BuiltChunks::build(c, &fresh)?;
             }
         }
-        if in_chunk > 0 {
-            raw_total += lines.len() as u64;
-            chunks.push(new_chunk(next_chunk, &lines, in_chunk, appended)?);
-            next_chunk += 1;
-        }
+        let new_ids: Vec<&[u8]> = all_keys
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, f)| **f)
+            .map(|(k, _)| k.as_slice())
+            .collect();
+        let duplicates = (c.records.len() - new_ids.len()) as u64;
+        let raw_total = built.raw_total;
+        // (chunk number, header, zstd frame) of each new chunk, numbered under the lock.
+        let first_chunk = inner.next_chunk;
+        let chunks: Vec<(u64, chunk::ChunkHeader, Vec<u8>)> = (first_chunk..)
+            .zip(built.chunks)
+            .map(|(seq, (h, frame))| (seq, h, frame))
+            .collect();
+        let next_chunk = first_chunk + chunks.len() as u64;
         let spooled = new_ids.len() as u64;
         let mut figures = inner.figures.clone();
         figures.pending_records += spooled;
@@ -577,6 +591,7 @@ impl Spool {
         // successful one makes this transaction durable too (sled flushes everything).
         inner.next_chunk = next_chunk;
         inner.figures = figures;
+        inner.commits += 1;
         if spooled > 0 && inner.oldest_unbatched.is_none() {
             inner.oldest_unbatched = Some(Instant::now());
         }
@@ -1331,18 +1346,55 @@ impl Spool {
 }
 
 /// A new chunk of `records` envelope lines: its number, header and zstd frame.
-fn new_chunk(
-    seq: u64,
-    lines: &[u8],
-    records: u32,
-    appended_ms: u64,
-) -> Result<(u64, chunk::ChunkHeader, Vec<u8>), SpoolError> {
-    let h = chunk::ChunkHeader {
-        records,
-        raw_len: lines.len() as u32,
-        appended_ms,
-    };
-    Ok((seq, h, chunk::compress(lines)?))
+/// A blob's new records as chunks (envelope lines, zstd frames), not yet numbered nor stored.
+struct BuiltChunks {
+    /// Header and frame of each chunk, in record order.
+    chunks: Vec<(chunk::ChunkHeader, Vec<u8>)>,
+    /// Bytes of NDJSON in all of them.
+    raw_total: u64,
+}
+
+impl BuiltChunks {
+    /// Envelopes and compresses the records `fresh` marks, in order, cut at the chunk limits.
+    fn build(c: &BlobCommit<'_>, fresh: &[bool]) -> Result<BuiltChunks, SpoolError> {
+        let appended_ms = now_ms();
+        let mut built = BuiltChunks {
+            chunks: Vec::new(),
+            raw_total: 0,
+        };
+        let mut lines = Vec::new();
+        let mut in_chunk = 0u32;
+        let mut seal = |lines: &mut Vec<u8>, records: u32| -> Result<(), SpoolError> {
+            let h = chunk::ChunkHeader {
+                records,
+                raw_len: lines.len() as u32,
+                appended_ms,
+            };
+            built.raw_total += lines.len() as u64;
+            built.chunks.push((h, chunk::compress(lines)?));
+            lines.clear();
+            Ok(())
+        };
+        for (r, _) in c.records.iter().zip(fresh).filter(|(_, f)| **f) {
+            sensor_core::envelope::write_envelope(
+                &mut lines,
+                c.tenant_id,
+                c.content_type,
+                c.content_id,
+                c.collected_at,
+                r.bytes,
+            );
+            in_chunk += 1;
+            if lines.len() >= chunk::MAX_RAW || in_chunk as usize >= chunk::MAX_RECORDS {
+                seal(&mut lines, in_chunk)?;
+                in_chunk = 0;
+            }
+        }
+        if in_chunk > 0 {
+            seal(&mut lines, in_chunk)?;
+        }
+        Ok(built)
+    }
 }
 
 /// Refuses a batch whose range no longer holds the records it was cut with.

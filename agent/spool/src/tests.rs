@@ -117,6 +117,48 @@ fn commit_dedups_within_and_across_blobs_and_marks_done() {
 }
 
 #[test]
+fn concurrent_commits_of_the_same_ids_spool_each_once() {
+    // Four writers commit overlapping blobs at once: blob k of writer w holds Ids [k*50, k*50+100), so
+    // every Id arrives in up to eight blobs, most of them in flight together. Each Id must be spooled
+    // exactly once, in a chunk order that every batch reads back whole.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    let outcomes: Vec<CommitOutcome> = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let spool = &spool;
+                s.spawn(move || {
+                    (0..40u32)
+                        .map(|k| {
+                            let ids: Vec<u32> = (k * 50..k * 50 + 100).collect();
+                            commit(spool, &format!("w{w}-b{k}"), &ids)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        writers
+            .into_iter()
+            .flat_map(|h| h.join().expect("writer"))
+            .collect()
+    });
+    let distinct = 39 * 50 + 100;
+    let spooled: u64 = outcomes.iter().map(|o| o.spooled).sum();
+    let dropped: u64 = outcomes.iter().map(|o| o.duplicates).sum();
+    assert_eq!((spooled, dropped), (distinct, 4 * 40 * 100 - distinct));
+    let mut delivered = Vec::new();
+    while let Some(desc) = spool.cut_batch(&limits(300), false).expect("cut") {
+        delivered.extend(ids_of(&body_of(&spool, &desc)));
+        spool.ack_batch(desc.seq).expect("ack");
+    }
+    let unique: HashSet<&String> = delivered.iter().collect();
+    assert_eq!(
+        (delivered.len(), unique.len()),
+        (distinct as usize, distinct as usize)
+    );
+}
+
+#[test]
 fn large_blobs_span_chunks_and_batches_respect_limits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = Spool::open(dir.path(), opts()).expect("open");
