@@ -7,7 +7,8 @@
 //!   cursor; then calls `Db::flush()` and a real `fdatasync` of sled's data file (`flush()` alone only
 //!   issues `sync_file_range`: see `shared/design/crate-notes.md`). It returns only after all three. A
 //!   caller may treat the blob as done, and its cursor as advanced, only after `commit_blob` returned
-//!   `Ok`.
+//!   `Ok`. Concurrent commits share these steps as one group (one append, one transaction, one
+//!   durability point, `commit.rs`); each still returns only once its own group is durable.
 //! - [`Spool::cut_batch`] persists a batch descriptor (its sequence number, which is its Idempotency-Key,
 //!   and the exact record range it covers) and the next batch number, made durable the same way, before it
 //!   returns: a batch is sent only after that. The records of a batch are never changed or deleted while
@@ -52,6 +53,7 @@
 //! `source` is `<tenant_id>/<content_type>`. A position is (chunk seq, record index in that chunk).
 
 mod chunk;
+mod commit;
 pub use chunk::LEVEL as ZSTD_LEVEL;
 
 /// The smallest chunk (uncompressed bytes) whose stored zstd frame a batch sends as it is: a frame of a
@@ -67,14 +69,12 @@ pub use dedup::{DedupWindow, WindowFigures};
 pub use keys::{seen2_tree_name, seen_key, seen_key_v2, seen_tree_name};
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +286,10 @@ pub struct Spool {
     opts: SpoolOptions,
     max_bytes: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
+    /// Commits built and waiting for a group's write (`commit.rs`); taken under `inner`'s lock.
+    queue: Mutex<Vec<commit::Queued>>,
+    /// Hashes Ids to keep one group's commits apart (`commit.rs`).
+    key_hasher: std::collections::hash_map::RandomState,
     /// Where the chunks' frames live (read without the lock; appended under it through `Inner`).
     segments_dir: PathBuf,
     /// Tests: the next durability point fails once, as an fdatasync error would.
@@ -307,23 +311,6 @@ struct Inner {
     /// Blobs committed since open: a commit whose Ids were checked against the window before another
     /// commit logged its own checks them again.
     commits: u64,
-}
-
-impl Inner {
-    /// Which of the blob's records are new: among those `candidates` marks, the ones whose Id is not in
-    /// the dedup window.
-    fn not_in_window(
-        &self,
-        c: &BlobCommit<'_>,
-        keys: &[Vec<u8>],
-        candidates: &[bool],
-    ) -> Result<Vec<bool>, SpoolError> {
-        let mut fresh = Vec::with_capacity(keys.len());
-        for ((r, key), candidate) in c.records.iter().zip(keys).zip(candidates) {
-            fresh.push(*candidate && !self.seen.contains(key, c.tenant_id, r.id)?);
-        }
-        Ok(fresh)
-    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -444,6 +431,8 @@ impl Spool {
             opts,
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+            queue: Mutex::new(Vec::new()),
+            key_hasher: Default::default(),
             inner: Mutex::new(Inner {
                 next_chunk,
                 next_batch,
@@ -498,133 +487,6 @@ impl Spool {
         Ok(())
     }
 
-    /// Commits one blob atomically (see the module header). Records whose Id is in the dedup window, or
-    /// repeated within the blob, are dropped and counted.
-    pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
-        let today = day_of(now_unix());
-        let seen_keys = keys::SeenKeys::new(c.tenant_id);
-        let all_keys: Vec<Vec<u8>> = c.records.iter().map(|r| seen_keys.key(r.id)).collect();
-        // A repeat within the blob is a duplicate of its first occurrence.
-        let mut in_blob: HashSet<&[u8]> = HashSet::with_capacity(all_keys.len());
-        let first: Vec<bool> = all_keys.iter().map(|k| in_blob.insert(k)).collect();
-        // The window is checked under the lock, the chunks built and compressed outside it (so that
-        // concurrent collectors use both cores), and the window checked again under the lock if another
-        // commit logged Ids in between: an Id that commit spooled is a duplicate here.
-        let (mut fresh, checked_at) = {
-            let inner = self.lock();
-            (inner.not_in_window(c, &all_keys, &first)?, inner.commits)
-        };
-        let mut built = BuiltChunks::build(c, &fresh)?;
-        let mut inner = self.lock();
-        if inner.commits != checked_at {
-            let again = inner.not_in_window(c, &all_keys, &fresh)?;
-            if again != fresh {
-                fresh = again;
-                built = BuiltChunks::build(c, &fresh)?;
-            }
-        }
-        let new_ids: Vec<&[u8]> = all_keys
-            .iter()
-            .zip(&fresh)
-            .filter(|(_, f)| **f)
-            .map(|(k, _)| k.as_slice())
-            .collect();
-        let duplicates = (c.records.len() - new_ids.len()) as u64;
-        let raw_total = built.raw_total;
-        // (chunk number, header, zstd frame) of each new chunk, numbered under the lock.
-        let first_chunk = inner.next_chunk;
-        let chunks: Vec<(u64, chunk::ChunkHeader, Vec<u8>)> = (first_chunk..)
-            .zip(built.chunks)
-            .map(|(seq, (h, frame))| (seq, h, frame))
-            .collect();
-        let next_chunk = first_chunk + chunks.len() as u64;
-        let spooled = new_ids.len() as u64;
-        let mut figures = inner.figures.clone();
-        figures.pending_records += spooled;
-        figures.unbatched_records += spooled;
-        figures.pending_raw_bytes += raw_total;
-        figures.unbatched_raw_bytes += raw_total;
-        figures.stored_bytes += chunks.iter().map(|c| c.2.len() as u64).sum::<u64>();
-        let source = format!("{}/{}", c.tenant_id, c.content_type);
-        let cursor = match c.cursor {
-            Some(new) => Some(self.merged_cursor(&source, new)?),
-            None => None,
-        };
-        let figures_json = json(&figures);
-        let done_value = done_value(c.expires_unix, DoneKind::Spooled);
-        let done_key = keys::done_key(&source, c.content_id);
-        let cursor_key = keys::cursor_key(&source);
-        let (log_key, log_value) = inner.seen.log_entry(today, &new_ids);
-        // The frames are durable in their segment before the transaction that references them.
-        let frames: Vec<&[u8]> = chunks.iter().map(|c| c.2.as_slice()).collect();
-        let locs = inner.segments.append(&frames)?;
-        let refs: Vec<(u64, Vec<u8>)> = chunks
-            .iter()
-            .zip(locs)
-            .map(|((seq, h, _), loc)| (*seq, chunk::encode_ref(h, loc)))
-            .collect();
-        let g = self.g();
-        let result: Result<(), TransactionError<()>> = g.main.transaction(|m| {
-            for (seq, v) in &refs {
-                m.insert(&keys::seq_key(keys::CHUNK, *seq), v.as_slice())?;
-            }
-            m.insert(done_key.as_slice(), done_value.as_slice())?;
-            if let Some(cur) = &cursor {
-                m.insert(cursor_key.as_slice(), json(cur))?;
-            }
-            m.insert(
-                keys::meta_key(keys::meta::NEXT_CHUNK),
-                &next_chunk.to_be_bytes(),
-            )?;
-            m.insert(keys::meta_key(keys::meta::FIGURES), figures_json.as_slice())?;
-            if !new_ids.is_empty() {
-                m.insert(&log_key[..], log_value.as_slice())?;
-            }
-            Ok::<(), ConflictableTransactionError<()>>(())
-        });
-        result.map_err(|e| match e {
-            TransactionError::Storage(e) => SpoolError::Db(e),
-            TransactionError::Abort(()) => SpoolError::Corrupt("transaction aborted".into()),
-        })?;
-        // The transaction is applied: the memory follows it before anything can fail, or the next
-        // commit would reuse its chunk numbers. A failed fdatasync returns an error below; the next
-        // successful one makes this transaction durable too (sled flushes everything).
-        inner.next_chunk = next_chunk;
-        inner.figures = figures;
-        inner.commits += 1;
-        if spooled > 0 && inner.oldest_unbatched.is_none() {
-            inner.oldest_unbatched = Some(Instant::now());
-        }
-        if !new_ids.is_empty() {
-            inner.seen.logged(today, &new_ids);
-        }
-        self.make_durable(&format!("blob {source} {}", c.content_id))?;
-        if let Err(e) = inner.seen.write_runs_if_full(&g.main) {
-            // The keys stay in memory and in the log: nothing is lost, the next commit tries again.
-            log::warn!(target: "spool", "writing the dedup window's run files failed: {e}");
-        }
-        Ok(CommitOutcome {
-            spooled,
-            duplicates,
-        })
-    }
-
-    fn merged_cursor(&self, source: &str, new: &Cursor) -> Result<Cursor, SpoolError> {
-        let mut merged = new.clone();
-        if let Some(old) = self.cursor_by_source(source)? {
-            if old.listed_until > new.listed_until {
-                log::warn!(
-                    "cursor of {source} would move back from {} to {}; kept",
-                    old.listed_until,
-                    new.listed_until
-                );
-                merged.listed_until = old.listed_until;
-            }
-            merged.first_content_seen |= old.first_content_seen;
-        }
-        Ok(merged)
-    }
-
     fn cursor_by_source(&self, source: &str) -> Result<Option<Cursor>, SpoolError> {
         match self.g().main.get(keys::cursor_key(source))? {
             None => Ok(None),
@@ -652,7 +514,7 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         let _inner = self.lock();
         let source = format!("{tenant_id}/{content_type}");
-        let merged = self.merged_cursor(&source, cursor)?;
+        let merged = commit::merged_cursor(&source, self.cursor_by_source(&source)?, cursor);
         self.g()
             .main
             .insert(keys::cursor_key(&source), json(&merged))?;
@@ -1346,57 +1208,6 @@ impl Spool {
 }
 
 /// A new chunk of `records` envelope lines: its number, header and zstd frame.
-/// A blob's new records as chunks (envelope lines, zstd frames), not yet numbered nor stored.
-struct BuiltChunks {
-    /// Header and frame of each chunk, in record order.
-    chunks: Vec<(chunk::ChunkHeader, Vec<u8>)>,
-    /// Bytes of NDJSON in all of them.
-    raw_total: u64,
-}
-
-impl BuiltChunks {
-    /// Envelopes and compresses the records `fresh` marks, in order, cut at the chunk limits.
-    fn build(c: &BlobCommit<'_>, fresh: &[bool]) -> Result<BuiltChunks, SpoolError> {
-        let appended_ms = now_ms();
-        let mut built = BuiltChunks {
-            chunks: Vec::new(),
-            raw_total: 0,
-        };
-        let mut lines = Vec::new();
-        let mut in_chunk = 0u32;
-        let mut seal = |lines: &mut Vec<u8>, records: u32| -> Result<(), SpoolError> {
-            let h = chunk::ChunkHeader {
-                records,
-                raw_len: lines.len() as u32,
-                appended_ms,
-            };
-            built.raw_total += lines.len() as u64;
-            built.chunks.push((h, chunk::compress(lines)?));
-            lines.clear();
-            Ok(())
-        };
-        for (r, _) in c.records.iter().zip(fresh).filter(|(_, f)| **f) {
-            sensor_core::envelope::write_envelope(
-                &mut lines,
-                c.tenant_id,
-                c.content_type,
-                c.content_id,
-                c.collected_at,
-                r.bytes,
-            );
-            in_chunk += 1;
-            if lines.len() >= chunk::MAX_RAW || in_chunk as usize >= chunk::MAX_RECORDS {
-                seal(&mut lines, in_chunk)?;
-                in_chunk = 0;
-            }
-        }
-        if in_chunk > 0 {
-            seal(&mut lines, in_chunk)?;
-        }
-        Ok(built)
-    }
-}
-
 /// Refuses a batch whose range no longer holds the records it was cut with.
 fn check_count(desc: &BatchDesc, readable: u64) -> Result<(), SpoolError> {
     if readable == desc.records {

@@ -31,21 +31,27 @@ fn commit(spool: &Spool, blob: &str, ids: &[u32]) -> CommitOutcome {
 
 /// Commits blob `blob` of (Id, record JSON) pairs.
 fn commit_records(spool: &Spool, blob: &str, bytes: &[(String, Vec<u8>)]) -> CommitOutcome {
+    try_commit_records(spool, blob, bytes).expect("commit")
+}
+
+fn try_commit_records(
+    spool: &Spool,
+    blob: &str,
+    bytes: &[(String, Vec<u8>)],
+) -> Result<CommitOutcome, SpoolError> {
     let recs: Vec<RawRecord<'_>> = bytes
         .iter()
         .map(|(id, b)| RawRecord { id, bytes: b })
         .collect();
-    spool
-        .commit_blob(&BlobCommit {
-            tenant_id: TENANT,
-            content_type: "Audit.General",
-            content_id: blob,
-            expires_unix: now_unix() + 86_400,
-            collected_at: "2026-11-25T10:00:00Z",
-            records: &recs,
-            cursor: None,
-        })
-        .expect("commit")
+    spool.commit_blob(&BlobCommit {
+        tenant_id: TENANT,
+        content_type: "Audit.General",
+        content_id: blob,
+        expires_unix: now_unix() + 86_400,
+        collected_at: "2026-11-25T10:00:00Z",
+        records: &recs,
+        cursor: None,
+    })
 }
 
 fn ids_of(ndjson: &[u8]) -> Vec<String> {
@@ -156,6 +162,67 @@ fn concurrent_commits_of_the_same_ids_spool_each_once() {
         (delivered.len(), unique.len()),
         (distinct as usize, distinct as usize)
     );
+}
+
+#[test]
+fn queued_commits_are_written_as_one_group_and_share_its_outcome() {
+    // While the test holds the spool's lock, three commits queue up in a known order: g1 (Ids 0..100),
+    // g2 (50..150, overlapping g1) and g3 (200..300). Whoever gets the lock next writes g1 and g3 as one
+    // group, whose durability point fails: both get the error. g2 waits for the next round, finds Ids
+    // 50..100 in the window (the failed group's transaction was applied and becomes durable with the
+    // next sync) and spools 100..150 only.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    let blob = |ids: std::ops::Range<u32>| -> Vec<(String, Vec<u8>)> {
+        ids.map(|i| (format!("id-{i}"), record(i))).collect()
+    };
+    let (g1, g2, g3) = (blob(0..100), blob(50..150), blob(200..300));
+    let held = spool.lock();
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = [("g1", &g1), ("g2", &g2), ("g3", &g3)]
+            .into_iter()
+            .enumerate()
+            .map(|(n, (name, recs))| {
+                let spool = &spool;
+                let h = s.spawn(move || try_commit_records(spool, name, recs));
+                while commit::queued(spool) < n + 1 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                h
+            })
+            .collect();
+        spool
+            .fail_next_sync
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(held);
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("committer"))
+            .collect::<Vec<_>>()
+    });
+    assert!(results[0].is_err(), "g1: {:?}", results[0]);
+    assert!(results[2].is_err(), "g3: {:?}", results[2]);
+    assert_eq!(
+        results[1].as_ref().ok(),
+        Some(&CommitOutcome {
+            spooled: 50,
+            duplicates: 50
+        })
+    );
+    drop(spool);
+    let spool = reopen(dir.path());
+    let mut delivered = Vec::new();
+    while let Some(desc) = spool.cut_batch(&limits(1000), false).expect("cut") {
+        delivered.extend(ids_of(&body_of(&spool, &desc)));
+        spool.ack_batch(desc.seq).expect("ack");
+    }
+    delivered.sort();
+    let mut want: Vec<String> = (0..150)
+        .chain(200..300)
+        .map(|i| format!("id-{i}"))
+        .collect();
+    want.sort();
+    assert_eq!(delivered, want);
 }
 
 #[test]

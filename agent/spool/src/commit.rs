@@ -1,0 +1,424 @@
+//! Group commit: how [`Spool::commit_blob`] turns concurrent collectors' blobs into as few syncs as the
+//! durability contract allows.
+//!
+//! - A commit checks its records against the dedup window under the spool's lock, then builds and
+//!   compresses its chunks outside it ([`BuiltChunks`]), so that concurrent collectors use every core.
+//! - It then queues itself and takes the lock. Whoever holds the lock takes every queued commit as one
+//!   group: the group's frames go to the segment in one append and one `fdatasync`, its chunk
+//!   references, done-marks, cursors and dedup log entry into ONE sled transaction, followed by one
+//!   durability point. A queued commit finds its outcome when it gets the lock, so a commit still
+//!   returns only once its own records are durable.
+//! - Chunk numbers are given in queue order under the lock, so chunk and segment numbers still grow
+//!   together (the segment GC's rule).
+//! - A commit whose Ids another commit logged since its check is checked again: the Ids that commit
+//!   spooled are dropped as duplicates here, and its chunks are built again without them. Two commits
+//!   of one group sharing an Id are not written together: the later one waits for the next round and
+//!   is checked against the window then (so an Id of a group that failed is never dropped).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::{
+    chunk, day_of, done_value, json, keys, now_ms, now_unix, BlobCommit, CommitOutcome, Cursor,
+    DoneKind, Inner, Spool, SpoolError,
+};
+
+/// A blob's new records as chunks (envelope lines, zstd frames), not yet numbered nor stored.
+pub(crate) struct BuiltChunks {
+    /// Header and frame of each chunk, in record order.
+    chunks: Vec<(chunk::ChunkHeader, Vec<u8>)>,
+    /// Bytes of NDJSON in all of them.
+    raw_total: u64,
+}
+
+impl BuiltChunks {
+    /// Envelopes and compresses the records `fresh` marks, in order, cut at the chunk limits.
+    fn build(c: &BlobCommit<'_>, fresh: &[bool]) -> Result<BuiltChunks, SpoolError> {
+        let appended_ms = now_ms();
+        let mut built = BuiltChunks {
+            chunks: Vec::new(),
+            raw_total: 0,
+        };
+        let mut lines = Vec::new();
+        let mut in_chunk = 0u32;
+        let mut seal = |lines: &mut Vec<u8>, records: u32| -> Result<(), SpoolError> {
+            let h = chunk::ChunkHeader {
+                records,
+                raw_len: lines.len() as u32,
+                appended_ms,
+            };
+            built.raw_total += lines.len() as u64;
+            built.chunks.push((h, chunk::compress(lines)?));
+            lines.clear();
+            Ok(())
+        };
+        for (r, _) in c.records.iter().zip(fresh).filter(|(_, f)| **f) {
+            sensor_core::envelope::write_envelope(
+                &mut lines,
+                c.tenant_id,
+                c.content_type,
+                c.content_id,
+                c.collected_at,
+                r.bytes,
+            );
+            in_chunk += 1;
+            if lines.len() >= chunk::MAX_RAW || in_chunk as usize >= chunk::MAX_RECORDS {
+                seal(&mut lines, in_chunk)?;
+                in_chunk = 0;
+            }
+        }
+        if in_chunk > 0 {
+            seal(&mut lines, in_chunk)?;
+        }
+        Ok(built)
+    }
+}
+
+/// A commit waiting in the queue: what the group's writer needs of it, owned.
+pub(crate) struct Queued {
+    tenant_id: String,
+    /// `<tenant>/<content type>`.
+    source: String,
+    content_id: String,
+    expires_unix: i64,
+    cursor: Option<Cursor>,
+    /// Record Ids, and their dedup keys, of all the blob's records.
+    ids: Vec<String>,
+    keys: Vec<Vec<u8>>,
+    /// The records that were new at the last check (the built chunks hold exactly these).
+    fresh: Vec<bool>,
+    /// `Inner::commits` at that check.
+    checked_at: u64,
+    built: BuiltChunks,
+    /// Where the writer leaves what became of the commit.
+    outcome: Arc<Mutex<Option<Outcome>>>,
+}
+
+/// `Queued::checked_at` of a commit not yet checked against the window (never equal to `Inner::commits`).
+const UNCHECKED: u64 = u64::MAX;
+
+/// What became of a queued commit.
+enum Outcome {
+    /// Written (or failed) with its group.
+    Done(Result<CommitOutcome, SpoolError>),
+    /// Some of its Ids were spooled by another commit since its check: build again with these.
+    Rebuild { fresh: Vec<bool>, checked_at: u64 },
+}
+
+/// Tests: how many commits wait in the queue.
+#[cfg(test)]
+pub(crate) fn queued(spool: &Spool) -> usize {
+    locked(&spool.queue).len()
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Inner {
+    /// Which of the blob's records are new: among those `candidates` marks, the ones whose Id is not in
+    /// the dedup window.
+    fn not_in_window(
+        &self,
+        tenant_id: &str,
+        ids: impl Iterator<Item = impl AsRef<str>>,
+        keys: &[Vec<u8>],
+        candidates: &[bool],
+    ) -> Result<Vec<bool>, SpoolError> {
+        let mut fresh = Vec::with_capacity(keys.len());
+        for ((id, key), candidate) in ids.zip(keys).zip(candidates) {
+            fresh.push(*candidate && !self.seen.contains(key, tenant_id, id.as_ref())?);
+        }
+        Ok(fresh)
+    }
+}
+
+impl Spool {
+    /// Commits one blob atomically (see the module header and `commit.rs`). Records whose Id is in the
+    /// dedup window, or repeated within the blob, are dropped and counted. Returns only once the blob's
+    /// records, done-mark and cursor are durable.
+    pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
+        let seen_keys = keys::SeenKeys::new(c.tenant_id);
+        let keys: Vec<Vec<u8>> = c.records.iter().map(|r| seen_keys.key(r.id)).collect();
+        // A repeat within the blob is a duplicate of its first occurrence.
+        let mut in_blob: HashSet<&[u8]> = HashSet::with_capacity(keys.len());
+        let first: Vec<bool> = keys.iter().map(|k| in_blob.insert(k)).collect();
+        // Checked against the window now if the lock is free; if a group is being written, by the next
+        // group's writer instead (a blob of duplicates is then built in vain, never spooled).
+        let (mut fresh, mut checked_at) = match self.inner.try_lock() {
+            Ok(inner) => {
+                let ids = c.records.iter().map(|r| r.id);
+                (
+                    inner.not_in_window(c.tenant_id, ids, &keys, &first)?,
+                    inner.commits,
+                )
+            }
+            Err(_) => (first, UNCHECKED),
+        };
+        let ids: Vec<String> = c.records.iter().map(|r| r.id.to_string()).collect();
+        loop {
+            let built = BuiltChunks::build(c, &fresh)?;
+            let outcome = Arc::new(Mutex::new(None));
+            locked(&self.queue).push(Queued {
+                tenant_id: c.tenant_id.to_string(),
+                source: format!("{}/{}", c.tenant_id, c.content_type),
+                content_id: c.content_id.to_string(),
+                expires_unix: c.expires_unix,
+                cursor: c.cursor.cloned(),
+                ids: ids.clone(),
+                keys: keys.clone(),
+                fresh,
+                checked_at,
+                built,
+                outcome: outcome.clone(),
+            });
+            let mut inner = self.lock();
+            if locked(&outcome).is_none() {
+                self.write_queued(&mut inner);
+            }
+            drop(inner);
+            let taken = locked(&outcome).take();
+            match taken {
+                Some(Outcome::Done(result)) => return result,
+                Some(Outcome::Rebuild {
+                    fresh: again,
+                    checked_at: at,
+                }) => {
+                    fresh = again;
+                    checked_at = at;
+                }
+                None => {
+                    return Err(SpoolError::Corrupt(format!(
+                        "the commit of blob {} was left unwritten",
+                        c.content_id
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Under the lock: writes every queued commit, in rounds of commits that share no Id.
+    fn write_queued(&self, inner: &mut Inner) {
+        let mut pending = std::mem::take(&mut *locked(&self.queue));
+        while !pending.is_empty() {
+            let mut round: Vec<Queued> = Vec::new();
+            let mut later = Vec::new();
+            // Hashes of the round's new Ids (a collision only moves a commit to the next round).
+            let mut round_keys: HashSet<u64> = HashSet::new();
+            for mut q in pending {
+                if inner.commits != q.checked_at {
+                    let again = inner.not_in_window(&q.tenant_id, q.ids.iter(), &q.keys, &q.fresh);
+                    match again {
+                        Err(e) => {
+                            *locked(&q.outcome) = Some(Outcome::Done(Err(e)));
+                            continue;
+                        }
+                        Ok(again) if again != q.fresh => {
+                            *locked(&q.outcome) = Some(Outcome::Rebuild {
+                                fresh: again,
+                                checked_at: inner.commits,
+                            });
+                            continue;
+                        }
+                        Ok(_) => q.checked_at = inner.commits,
+                    }
+                }
+                let hashes: Vec<u64> = q
+                    .keys
+                    .iter()
+                    .zip(&q.fresh)
+                    .filter(|(_, f)| **f)
+                    .map(|(k, _)| self.key_hasher.hash_one(k))
+                    .collect();
+                if hashes.iter().any(|h| round_keys.contains(h)) {
+                    later.push(q);
+                    continue;
+                }
+                round_keys.extend(hashes);
+                round.push(q);
+            }
+            let result = self.write_group(inner, &round);
+            for (q, r) in round.iter().zip(result) {
+                *locked(&q.outcome) = Some(Outcome::Done(r));
+            }
+            pending = later;
+        }
+    }
+
+    /// Writes one group of commits that share no new Id: one segment append, one transaction, one
+    /// durability point. Returns each commit's outcome, in order.
+    fn write_group(
+        &self,
+        inner: &mut Inner,
+        group: &[Queued],
+    ) -> Vec<Result<CommitOutcome, SpoolError>> {
+        match self.write_group_once(inner, group) {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(e) => {
+                let copies: Vec<_> = (1..group.len()).map(|_| Err(copy_error(&e))).collect();
+                std::iter::once(Err(e)).chain(copies).collect()
+            }
+        }
+    }
+
+    fn write_group_once(
+        &self,
+        inner: &mut Inner,
+        group: &[Queued],
+    ) -> Result<Vec<CommitOutcome>, SpoolError> {
+        if group.is_empty() {
+            return Ok(Vec::new());
+        }
+        let today = day_of(now_unix());
+        let mut figures = inner.figures.clone();
+        let mut next_chunk = inner.next_chunk;
+        let mut numbered: Vec<u64> = Vec::new();
+        let mut frames: Vec<&[u8]> = Vec::new();
+        let mut headers: Vec<&chunk::ChunkHeader> = Vec::new();
+        let mut new_ids: Vec<&[u8]> = Vec::new();
+        let mut cursors: HashMap<&str, Cursor> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(group.len());
+        for q in group {
+            let spooled = q.fresh.iter().filter(|f| **f).count() as u64;
+            for (h, frame) in &q.built.chunks {
+                numbered.push(next_chunk);
+                next_chunk += 1;
+                headers.push(h);
+                frames.push(frame);
+                figures.stored_bytes += frame.len() as u64;
+            }
+            figures.pending_records += spooled;
+            figures.unbatched_records += spooled;
+            figures.pending_raw_bytes += q.built.raw_total;
+            figures.unbatched_raw_bytes += q.built.raw_total;
+            new_ids.extend(
+                q.keys
+                    .iter()
+                    .zip(&q.fresh)
+                    .filter(|(_, f)| **f)
+                    .map(|(k, _)| k.as_slice()),
+            );
+            if let Some(new) = &q.cursor {
+                let old = match cursors.remove(q.source.as_str()) {
+                    Some(c) => Some(c),
+                    None => self.cursor_by_source(&q.source)?,
+                };
+                cursors.insert(&q.source, merged_cursor(&q.source, old, new));
+            }
+            outcomes.push(CommitOutcome {
+                spooled,
+                duplicates: q.keys.len() as u64 - spooled,
+            });
+        }
+        let figures_json = json(&figures);
+        let (log_key, log_value) = inner.seen.log_entry(today, &new_ids);
+        // The frames are durable in their segment before the transaction that references them.
+        let locs = inner.segments.append(&frames)?;
+        let refs: Vec<([u8; 9], Vec<u8>)> = numbered
+            .iter()
+            .zip(headers)
+            .zip(locs)
+            .map(|((seq, h), loc)| (keys::seq_key(keys::CHUNK, *seq), chunk::encode_ref(h, loc)))
+            .collect();
+        let done: Vec<(Vec<u8>, [u8; 9])> = group
+            .iter()
+            .map(|q| {
+                (
+                    keys::done_key(&q.source, &q.content_id),
+                    done_value(q.expires_unix, DoneKind::Spooled),
+                )
+            })
+            .collect();
+        let cursor_values: Vec<(Vec<u8>, Vec<u8>)> = cursors
+            .iter()
+            .map(|(source, c)| (keys::cursor_key(source), json(c)))
+            .collect();
+        let g = self.g();
+        let result: Result<(), TransactionError<()>> = g.main.transaction(|m| {
+            for (k, v) in &refs {
+                m.insert(k.as_slice(), v.as_slice())?;
+            }
+            for (k, v) in &cursor_values {
+                m.insert(k.as_slice(), v.as_slice())?;
+            }
+            for (k, v) in &done {
+                m.insert(k.as_slice(), v.as_slice())?;
+            }
+            m.insert(
+                keys::meta_key(keys::meta::NEXT_CHUNK),
+                &next_chunk.to_be_bytes(),
+            )?;
+            m.insert(keys::meta_key(keys::meta::FIGURES), figures_json.as_slice())?;
+            if !new_ids.is_empty() {
+                m.insert(&log_key[..], log_value.as_slice())?;
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        result.map_err(|e| match e {
+            TransactionError::Storage(e) => SpoolError::Db(e),
+            TransactionError::Abort(()) => SpoolError::Corrupt("transaction aborted".into()),
+        })?;
+        // The transaction is applied: the memory follows it before anything can fail, or the next
+        // commit would reuse its chunk numbers. A failed fdatasync returns an error below; the next
+        // successful one makes this transaction durable too (sled flushes everything).
+        inner.next_chunk = next_chunk;
+        inner.figures = figures;
+        inner.commits += 1;
+        if !new_ids.is_empty() {
+            if inner.oldest_unbatched.is_none() {
+                inner.oldest_unbatched = Some(std::time::Instant::now());
+            }
+            inner.seen.logged(today, &new_ids);
+        }
+        let first = &group[0];
+        self.make_durable(&format!(
+            "{} blob(s) from {} {}",
+            group.len(),
+            first.source,
+            first.content_id
+        ))?;
+        if let Err(e) = inner.seen.write_runs_if_full(&g.main) {
+            // The keys stay in memory and in the log: nothing is lost, the next commit tries again.
+            log::warn!(target: "spool", "writing the dedup window's run files failed: {e}");
+        }
+        Ok(outcomes)
+    }
+}
+
+/// The cursor to store for `source`: `new`, never moved back behind `old`.
+pub(crate) fn merged_cursor(source: &str, old: Option<Cursor>, new: &Cursor) -> Cursor {
+    let mut merged = new.clone();
+    if let Some(old) = old {
+        if old.listed_until > new.listed_until {
+            log::warn!(
+                "cursor of {source} would move back from {} to {}; kept",
+                old.listed_until,
+                new.listed_until
+            );
+            merged.listed_until = old.listed_until;
+        }
+        merged.first_content_seen |= old.first_content_seen;
+    }
+    merged
+}
+
+/// The same error again, for each commit of a group that failed together.
+fn copy_error(e: &SpoolError) -> SpoolError {
+    let io = |s: &std::io::Error| std::io::Error::new(s.kind(), s.to_string());
+    match e {
+        SpoolError::Locked(p) => SpoolError::Locked(p.clone()),
+        SpoolError::Io { path, source } => SpoolError::Io {
+            path: path.clone(),
+            source: io(source),
+        },
+        SpoolError::Db(e) => SpoolError::Db(e.clone()),
+        SpoolError::Codec(e) => SpoolError::Codec(io(e)),
+        SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
+    }
+}
