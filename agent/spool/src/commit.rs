@@ -376,13 +376,12 @@ impl Spool {
             }
             inner.seen.logged(today, &new_ids);
         }
-        let first = &group[0];
-        self.make_durable(&format!(
-            "{} blob(s) from {} {}",
-            group.len(),
-            first.source,
-            first.content_id
-        ))?;
+        // One durability point for the group; each blob is named as durable (durability.rs reads these).
+        let blob = |q: &Queued| format!("blob {} {}", q.source, q.content_id);
+        self.make_durable(&blob(&group[0]))?;
+        for q in &group[1..] {
+            log::trace!(target: "durability", "durable: {}", blob(q));
+        }
         if let Err(e) = inner.seen.write_runs_if_full(&g.main) {
             // The keys stay in memory and in the log: nothing is lost, the next commit tries again.
             log::warn!(target: "spool", "writing the dedup window's run files failed: {e}");
