@@ -105,7 +105,13 @@ enum Outcome {
     /// Written (or failed) with its group.
     Done(Result<CommitOutcome, SpoolError>),
     /// Some of its Ids were spooled by another commit since its check: build again with these.
-    Rebuild { fresh: Vec<bool>, checked_at: u64 },
+    /// The Ids and keys come back with it.
+    Rebuild {
+        fresh: Vec<bool>,
+        checked_at: u64,
+        ids: Vec<String>,
+        keys: Vec<Vec<u8>>,
+    },
 }
 
 /// Tests: how many commits wait in the queue.
@@ -145,7 +151,7 @@ impl Spool {
     /// records, done-mark and cursor are durable.
     pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
         let seen_keys = keys::SeenKeys::new(c.tenant_id);
-        let keys: Vec<Vec<u8>> = c.records.iter().map(|r| seen_keys.key(r.id)).collect();
+        let mut keys: Vec<Vec<u8>> = c.records.iter().map(|r| seen_keys.key(r.id)).collect();
         // A repeat within the blob is a duplicate of its first occurrence.
         let mut in_blob: HashSet<&[u8]> = HashSet::with_capacity(keys.len());
         let first: Vec<bool> = keys.iter().map(|k| in_blob.insert(k)).collect();
@@ -161,7 +167,7 @@ impl Spool {
             }
             Err(_) => (first, UNCHECKED),
         };
-        let ids: Vec<String> = c.records.iter().map(|r| r.id.to_string()).collect();
+        let mut ids: Vec<String> = c.records.iter().map(|r| r.id.to_string()).collect();
         loop {
             let built = BuiltChunks::build(c, &fresh)?;
             let outcome = Arc::new(Mutex::new(None));
@@ -171,8 +177,8 @@ impl Spool {
                 content_id: c.content_id.to_string(),
                 expires_unix: c.expires_unix,
                 cursor: c.cursor.cloned(),
-                ids: ids.clone(),
-                keys: keys.clone(),
+                ids,
+                keys,
                 fresh,
                 checked_at,
                 built,
@@ -189,9 +195,10 @@ impl Spool {
                 Some(Outcome::Rebuild {
                     fresh: again,
                     checked_at: at,
+                    ids: back_ids,
+                    keys: back_keys,
                 }) => {
-                    fresh = again;
-                    checked_at = at;
+                    (fresh, checked_at, ids, keys) = (again, at, back_ids, back_keys);
                 }
                 None => {
                     return Err(SpoolError::Corrupt(format!(
@@ -223,6 +230,8 @@ impl Spool {
                             *locked(&q.outcome) = Some(Outcome::Rebuild {
                                 fresh: again,
                                 checked_at: inner.commits,
+                                ids: q.ids,
+                                keys: q.keys,
                             });
                             continue;
                         }
