@@ -1,8 +1,9 @@
 //! Group commit: how [`Spool::commit_blob`] turns concurrent collectors' blobs into as few syncs as the
 //! durability contract allows.
 //!
-//! - A commit checks its records against the dedup window under the spool's lock, then builds and
-//!   compresses its chunks outside it ([`BuiltChunks`]), so that concurrent collectors use every core.
+//! - A commit checks its records against the dedup window under the spool's lock if the lock is free
+//!   (else the group's writer checks them), then builds and compresses its chunks outside the lock
+//!   ([`BuiltChunks`]), so that concurrent collectors use every core.
 //! - It then queues itself and takes the lock. Whoever holds the lock takes every queued commit as one
 //!   group: the group's frames go to the segment in one append and one `fdatasync`, its chunk
 //!   references, done-marks, cursors and dedup log entry into ONE sled transaction, followed by one
