@@ -71,6 +71,16 @@ fn cut(spool: &Spool, max_records: u64) -> BatchDesc {
         .expect("a batch")
 }
 
+/// Cuts, reads and acknowledges every batch of at most `max_records`; returns the records' Ids in order.
+fn drain_ids(spool: &Spool, max_records: u64) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Some(desc) = spool.cut_batch(&limits(max_records), true).expect("cut") {
+        ids.extend(ids_of(&body_of(spool, &desc)));
+        spool.ack_batch(desc.seq).expect("ack");
+    }
+    ids
+}
+
 fn limits(max_records: u64) -> BatchLimits {
     BatchLimits {
         max_records,
@@ -152,11 +162,7 @@ fn concurrent_commits_of_the_same_ids_spool_each_once() {
     let spooled: u64 = outcomes.iter().map(|o| o.spooled).sum();
     let dropped: u64 = outcomes.iter().map(|o| o.duplicates).sum();
     assert_eq!((spooled, dropped), (distinct, 4 * 40 * 100 - distinct));
-    let mut delivered = Vec::new();
-    while let Some(desc) = spool.cut_batch(&limits(300), false).expect("cut") {
-        delivered.extend(ids_of(&body_of(&spool, &desc)));
-        spool.ack_batch(desc.seq).expect("ack");
-    }
+    let delivered = drain_ids(&spool, 300);
     let unique: HashSet<&String> = delivered.iter().collect();
     assert_eq!(
         (delivered.len(), unique.len()),
@@ -211,11 +217,7 @@ fn queued_commits_are_written_as_one_group_and_share_its_outcome() {
     );
     drop(spool);
     let spool = reopen(dir.path());
-    let mut delivered = Vec::new();
-    while let Some(desc) = spool.cut_batch(&limits(1000), false).expect("cut") {
-        delivered.extend(ids_of(&body_of(&spool, &desc)));
-        spool.ack_batch(desc.seq).expect("ack");
-    }
+    let mut delivered = drain_ids(&spool, 1000);
     delivered.sort();
     let mut want: Vec<String> = (0..150)
         .chain(200..300)
@@ -892,11 +894,7 @@ fn records_live_in_segment_files_deleted_once_acknowledged() {
     );
     drop(spool);
     let spool = reopen(dir.path());
-    let mut ids = Vec::new();
-    while let Some(d) = spool.cut_batch(&limits(1_000), true).expect("cut") {
-        ids.extend(ids_of(&body_of(&spool, &d)));
-        spool.ack_batch(d.seq).expect("ack");
-    }
+    let ids = drain_ids(&spool, 1_000);
     let want: Vec<String> = (2_001..=n).map(|i| format!("id-{i}")).collect();
     assert_eq!(ids, want);
     assert_eq!(
