@@ -18,13 +18,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::{
-    chunk, day_of, done_value, json, keys, now_ms, now_unix, BlobCommit, CommitOutcome, Cursor,
-    DoneKind, Inner, Spool, SpoolError,
+    chunk, day_of, done_value, json, keys, locked, now_ms, now_unix, BlobCommit, CommitOutcome,
+    Cursor, DoneKind, Inner, Spool, SpoolError,
 };
 
 /// A blob's new records as chunks (envelope lines, zstd frames), not yet numbered nor stored.
@@ -119,13 +119,6 @@ enum Outcome {
 #[cfg(test)]
 pub(crate) fn queued(spool: &Spool) -> usize {
     locked(&spool.queue).len()
-}
-
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl Inner {

@@ -313,6 +313,14 @@ struct Inner {
     commits: u64,
 }
 
+/// A mutex's guard, also after another thread panicked holding it: the spool's one way to take its locks.
+pub(crate) fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io {
         path: path.to_path_buf(),
@@ -452,18 +460,12 @@ impl Spool {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        locked(&self.inner)
     }
 
     /// The generation in use.
     fn g(&self) -> Arc<gen::Gen> {
-        match self.gen.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        locked(&self.gen).clone()
     }
 
     /// The durability point: sled's flush, then a real fdatasync of its data file.
