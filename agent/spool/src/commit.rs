@@ -18,8 +18,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
+use sensor_core::envelope::Envelope;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::{
@@ -36,46 +38,75 @@ pub(crate) struct BuiltChunks {
 }
 
 impl BuiltChunks {
-    /// Envelopes and compresses the records `fresh` marks, in order, cut at the chunk limits.
-    fn build(c: &BlobCommit<'_>, fresh: &[bool]) -> Result<BuiltChunks, SpoolError> {
+    /// Envelopes and compresses the records `fresh` marks, in order, cut at the chunk limits. The
+    /// chunks are built on up to `threads` threads; where they are cut does not depend on it.
+    fn build(
+        c: &BlobCommit<'_>,
+        fresh: &[bool],
+        threads: usize,
+    ) -> Result<BuiltChunks, SpoolError> {
+        let envelope = Envelope::new(c.tenant_id, c.content_type, c.content_id, c.collected_at);
+        let records: Vec<&[u8]> = c
+            .records
+            .iter()
+            .zip(fresh)
+            .filter(|(_, f)| **f)
+            .map(|(r, _)| r.bytes)
+            .collect();
+        let cuts = chunk_cuts(&envelope, &records);
         let appended_ms = now_ms();
-        let mut built = BuiltChunks {
-            chunks: Vec::new(),
-            raw_total: 0,
-        };
-        let mut lines = Vec::new();
-        let mut in_chunk = 0u32;
-        let mut seal = |lines: &mut Vec<u8>, records: u32| -> Result<(), SpoolError> {
+        let seal = |range: &Range<usize>| -> Result<(chunk::ChunkHeader, Vec<u8>), SpoolError> {
+            let part = &records[range.clone()];
+            let mut lines = Vec::with_capacity(part.iter().map(|r| envelope.len_of(r)).sum());
+            for r in part {
+                envelope.write(&mut lines, r);
+            }
             let h = chunk::ChunkHeader {
-                records,
+                records: part.len() as u32,
                 raw_len: lines.len() as u32,
                 appended_ms,
             };
-            built.raw_total += lines.len() as u64;
-            built.chunks.push((h, chunk::compress(lines)?));
-            lines.clear();
-            Ok(())
+            Ok((h, chunk::compress(&lines)?))
         };
-        for (r, _) in c.records.iter().zip(fresh).filter(|(_, f)| **f) {
-            sensor_core::envelope::write_envelope(
-                &mut lines,
-                c.tenant_id,
-                c.content_type,
-                c.content_id,
-                c.collected_at,
-                r.bytes,
-            );
-            in_chunk += 1;
-            if lines.len() >= chunk::MAX_RAW || in_chunk as usize >= chunk::MAX_RECORDS {
-                seal(&mut lines, in_chunk)?;
-                in_chunk = 0;
+        let per_thread = cuts.len().div_ceil(threads.max(1)).max(1);
+        let chunks: Vec<_> = std::thread::scope(|s| {
+            let mut groups = cuts.chunks(per_thread);
+            let first = groups.next().unwrap_or_default();
+            let seal = &seal;
+            let others: Vec<_> = groups
+                .map(|g| s.spawn(move || g.iter().map(seal).collect::<Vec<_>>()))
+                .collect();
+            let mut chunks: Vec<_> = first.iter().map(seal).collect();
+            for other in others {
+                match other.join() {
+                    Ok(built) => chunks.extend(built),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
             }
-        }
-        if in_chunk > 0 {
-            seal(&mut lines, in_chunk)?;
-        }
-        Ok(built)
+            chunks
+        });
+        let chunks = chunks.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let raw_total = chunks.iter().map(|(h, _)| u64::from(h.raw_len)).sum();
+        Ok(BuiltChunks { chunks, raw_total })
     }
+}
+
+/// Where a blob's records are cut into chunks: after the record that brings a chunk to
+/// [`chunk::MAX_RAW`] bytes of envelope lines or to [`chunk::MAX_RECORDS`] records.
+fn chunk_cuts(envelope: &Envelope, records: &[&[u8]]) -> Vec<Range<usize>> {
+    let mut cuts = Vec::new();
+    let (mut start, mut raw) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        raw += envelope.len_of(r);
+        if raw >= chunk::MAX_RAW || i + 1 - start >= chunk::MAX_RECORDS {
+            cuts.push(start..i + 1);
+            (start, raw) = (i + 1, 0);
+        }
+    }
+    if start < records.len() {
+        cuts.push(start..records.len());
+    }
+    cuts
 }
 
 /// A commit waiting in the queue: what the group's writer needs of it, owned.
@@ -163,7 +194,7 @@ impl Spool {
         };
         let mut ids: Vec<String> = c.records.iter().map(|r| r.id.to_string()).collect();
         loop {
-            let built = BuiltChunks::build(c, &fresh)?;
+            let built = BuiltChunks::build(c, &fresh, self.build_threads)?;
             let outcome = Arc::new(Mutex::new(None));
             locked(&self.queue).push(Queued {
                 tenant_id: c.tenant_id.to_string(),
@@ -422,5 +453,73 @@ fn copy_error(e: &SpoolError) -> SpoolError {
         SpoolError::Db(e) => SpoolError::Db(e.clone()),
         SpoolError::Codec(e) => SpoolError::Codec(io(e)),
         SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RawRecord;
+
+    /// Chunks built on several threads are the chunks one thread builds: cut at the same records, in
+    /// record order, within the limits, and their lines are the records' envelopes in order.
+    #[test]
+    fn chunks_built_on_threads_are_the_chunks_of_one_thread() {
+        let bodies: Vec<(String, Vec<u8>)> = (0..1_500u32)
+            .map(|i| {
+                let pad = "x".repeat(200 + (i as usize * 37) % 3_000);
+                let json = format!("{{\"Id\":\"id-{i}\",\n\"pad\":\"{pad}\"}}");
+                (format!("id-{i}"), json.into_bytes())
+            })
+            .collect();
+        let records: Vec<RawRecord<'_>> = bodies
+            .iter()
+            .map(|(id, bytes)| RawRecord { id, bytes })
+            .collect();
+        let c = BlobCommit {
+            tenant_id: "t",
+            content_type: "Audit.General",
+            content_id: "blob",
+            expires_unix: 0,
+            collected_at: "2026-11-25T10:00:00Z",
+            records: &records,
+            cursor: None,
+        };
+        // Every third record is a duplicate, so the cuts count only the fresh ones.
+        let fresh: Vec<bool> = (0..records.len()).map(|i| i % 3 != 0).collect();
+        let lines_of = |b: &BuiltChunks| -> Vec<(u32, Vec<u8>)> {
+            b.chunks
+                .iter()
+                .map(|(h, frame)| {
+                    let lines = chunk::decompress(h, frame).expect("frame");
+                    (h.records, lines)
+                })
+                .collect()
+        };
+        let one = BuiltChunks::build(&c, &fresh, 1).expect("one thread");
+        let want = lines_of(&one);
+        assert!(want.len() >= 6, "{} chunks", want.len());
+        for (records, lines) in &want {
+            assert!(*records as usize <= chunk::MAX_RECORDS);
+            assert!(lines.len() < chunk::MAX_RAW + 4_000);
+            assert_eq!(chunk::records(lines).count(), *records as usize);
+        }
+        let envelope = Envelope::new(c.tenant_id, c.content_type, c.content_id, c.collected_at);
+        let mut all = Vec::new();
+        for (r, _) in records.iter().zip(&fresh).filter(|(_, f)| **f) {
+            envelope.write(&mut all, r.bytes);
+        }
+        assert_eq!(
+            want.iter()
+                .flat_map(|(_, l)| l.clone())
+                .collect::<Vec<u8>>(),
+            all
+        );
+        assert_eq!(one.raw_total, all.len() as u64);
+        for threads in [2, 3, 4, 64] {
+            let many = BuiltChunks::build(&c, &fresh, threads).expect("threads");
+            assert_eq!(lines_of(&many), want, "{threads} threads");
+            assert_eq!(many.raw_total, one.raw_total);
+        }
     }
 }

@@ -292,6 +292,8 @@ pub struct Spool {
     key_hasher: std::collections::hash_map::RandomState,
     /// Where the chunks' frames live (read without the lock; appended under it through `Inner`).
     segments_dir: PathBuf,
+    /// Threads a commit builds its chunks on (the cores, at most 4; `commit.rs`).
+    build_threads: usize,
     /// Tests: the next durability point fails once, as an fdatasync error would.
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
@@ -441,6 +443,7 @@ impl Spool {
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             queue: Mutex::new(Vec::new()),
             key_hasher: Default::default(),
+            build_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             inner: Mutex::new(Inner {
                 next_chunk,
                 next_batch,
