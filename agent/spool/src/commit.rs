@@ -3,7 +3,8 @@
 //!
 //! - A commit checks its records against the dedup window under the spool's lock if the lock is free
 //!   (else the group's writer checks them), then builds and compresses its chunks outside the lock
-//!   ([`BuiltChunks`]), so that concurrent collectors use every core.
+//!   ([`BuiltChunks`]), so that concurrent collectors use every core; a blob of several chunks is
+//!   compressed on up to 4 threads, so that a lone collector does too.
 //! - It then queues itself and takes the lock. Whoever holds the lock takes every queued commit as one
 //!   group: the group's frames go to the segment in one append and one `fdatasync`, its chunk
 //!   references, done-marks, cursors and dedup log entry into ONE sled transaction, followed by one
