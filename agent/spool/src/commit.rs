@@ -3,8 +3,8 @@
 //!
 //! - A commit checks its records against the dedup window under the spool's lock if the lock is free
 //!   (else the group's writer checks them), then builds and compresses its chunks outside the lock
-//!   ([`BuiltChunks`]), so that concurrent collectors use every core; a blob of several chunks is
-//!   compressed on up to 4 threads, so that a lone collector does too.
+//!   ([`BuiltChunks`]), so that concurrent collectors use every core; a commit building alone
+//!   compresses a blob of several chunks on up to 4 threads, so that a lone collector does too.
 //! - It then queues itself and takes the lock. Whoever holds the lock takes every queued commit as one
 //!   group: the group's frames go to the segment in one append and one `fdatasync`, its chunk
 //!   references, done-marks, cursors and dedup log entry into ONE sled transaction, followed by one
@@ -20,6 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sensor_core::envelope::Envelope;
@@ -110,6 +111,30 @@ fn chunk_cuts(envelope: &Envelope, records: &[&[u8]]) -> Vec<Range<usize>> {
     cuts
 }
 
+/// A commit counted in `Spool::building` while it builds its chunks. Only a commit that started building
+/// alone uses more than one thread: concurrent commits keep the cores busy already.
+struct Building<'a> {
+    count: &'a AtomicUsize,
+    /// No other commit was building when this one started.
+    alone: bool,
+}
+
+impl<'a> Building<'a> {
+    fn enter(count: &'a AtomicUsize) -> Building<'a> {
+        let before = count.fetch_add(1, Ordering::SeqCst);
+        Building {
+            count,
+            alone: before == 0,
+        }
+    }
+}
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A commit waiting in the queue: what the group's writer needs of it, owned.
 pub(crate) struct Queued {
     tenant_id: String,
@@ -195,7 +220,15 @@ impl Spool {
         };
         let mut ids: Vec<String> = c.records.iter().map(|r| r.id.to_string()).collect();
         loop {
-            let built = BuiltChunks::build(c, &fresh, self.build_threads)?;
+            let built = {
+                let building = Building::enter(&self.building);
+                let threads = if building.alone {
+                    self.build_threads
+                } else {
+                    1
+                };
+                BuiltChunks::build(c, &fresh, threads)?
+            };
             let outcome = Arc::new(Mutex::new(None));
             locked(&self.queue).push(Queued {
                 tenant_id: c.tenant_id.to_string(),

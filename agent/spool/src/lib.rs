@@ -292,8 +292,10 @@ pub struct Spool {
     key_hasher: std::collections::hash_map::RandomState,
     /// Where the chunks' frames live (read without the lock; appended under it through `Inner`).
     segments_dir: PathBuf,
-    /// Threads a commit builds its chunks on (the cores, at most 4; `commit.rs`).
+    /// Threads a commit building alone builds its chunks on (the cores, at most 4; `commit.rs`).
     build_threads: usize,
+    /// Commits building their chunks right now (`commit.rs`).
+    building: std::sync::atomic::AtomicUsize,
     /// Tests: the next durability point fails once, as an fdatasync error would.
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
@@ -444,6 +446,7 @@ impl Spool {
             queue: Mutex::new(Vec::new()),
             key_hasher: Default::default(),
             build_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            building: std::sync::atomic::AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 next_chunk,
                 next_batch,

@@ -10,8 +10,8 @@ use sensor_bench::{
 };
 use sensor_spool::{BatchLimits, Spool, SpoolOptions};
 
-/// Concurrent writers of the second write-path figure: a tenant's five content types have up to five
-/// collectors committing; four keep every writer busy on two cores.
+/// Writers committing at once in the concurrent write-path figures (a tenant's five content types have
+/// up to five collectors committing; four are enough to keep two cores busy).
 const WRITERS: usize = 4;
 
 fn options() -> SpoolOptions {
@@ -170,11 +170,11 @@ fn main() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&path)?;
 
     // The collectors of a sensor's content types commit at once: each commit's envelopes and zstd run
-    // outside the spool's lock, its segment append, transaction and syncs inside it.
+    // outside the spool's lock, its segment append, transaction and syncs inside it (group commit).
     let path = dir.path().join("spool-writers");
     let spool = Spool::open(&path, options())?;
-    let (half, rest) = recs.split_at(recs.len() * 4 / 5);
-    let c1000 = commit_concurrently(&spool, half, 1_000, WRITERS, "c")?;
+    let (for_1000, for_100) = recs.split_at(recs.len() * 4 / 5);
+    let c1000 = commit_concurrently(&spool, for_1000, 1_000, WRITERS, "c")?;
     print_vs(
         "commit_blob, 1,000 per blob, 4 writers at once",
         c1000,
@@ -182,7 +182,7 @@ fn main() -> anyhow::Result<()> {
         b.append_sync_1000,
         "goal >= 0.50",
     );
-    let c100 = commit_concurrently(&spool, rest, 100, WRITERS, "d")?;
+    let c100 = commit_concurrently(&spool, for_100, 100, WRITERS, "d")?;
     print_vs(
         "commit_blob, 100 per blob, 4 writers at once",
         c100,
