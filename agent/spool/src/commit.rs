@@ -75,14 +75,18 @@ impl BuiltChunks {
             let mut groups = cuts.chunks(per_thread);
             let first = groups.next().unwrap_or_default();
             let seal = &seal;
+            // A group whose thread cannot be started (a task limit, memory) is built here instead.
             let others: Vec<_> = groups
-                .map(|g| s.spawn(move || g.iter().map(seal).collect::<Vec<_>>()))
+                .map(|g| {
+                    spawn_build(s, move || g.iter().map(seal).collect::<Vec<_>>()).map_err(|_| g)
+                })
                 .collect();
             let mut chunks: Vec<_> = first.iter().map(seal).collect();
             for other in others {
-                match other.join() {
-                    Ok(built) => chunks.extend(built),
-                    Err(panic) => std::panic::resume_unwind(panic),
+                match other.map(|thread| thread.join()) {
+                    Ok(Ok(built)) => chunks.extend(built),
+                    Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                    Err(g) => chunks.extend(g.iter().map(seal)),
                 }
             }
             chunks
@@ -91,6 +95,20 @@ impl BuiltChunks {
         let raw_total = chunks.iter().map(|(h, _)| u64::from(h.raw_len)).sum();
         Ok(BuiltChunks { chunks, raw_total })
     }
+}
+
+/// Starts a thread of [`BuiltChunks::build`].
+fn spawn_build<'scope, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, T>> {
+    #[cfg(test)]
+    if tests::FAIL_SPAWN.with(|fail| fail.get()) {
+        return Err(std::io::Error::other("injected: no thread"));
+    }
+    std::thread::Builder::new()
+        .name("spool-build".into())
+        .spawn_scoped(s, f)
 }
 
 /// Where a blob's records are cut into chunks: after the record that brings a chunk to
@@ -495,8 +513,14 @@ mod tests {
     use super::*;
     use crate::RawRecord;
 
+    thread_local! {
+        /// Tests: threads of `BuiltChunks::build` cannot be started (as under a task limit).
+        pub(super) static FAIL_SPAWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     /// Chunks built on several threads are the chunks one thread builds: cut at the same records, in
-    /// record order, within the limits, and their lines are the records' envelopes in order.
+    /// record order, within the limits, and their lines are the records' envelopes in order; also when
+    /// the threads cannot be started.
     #[test]
     fn chunks_built_on_threads_are_the_chunks_of_one_thread() {
         let bodies: Vec<(String, Vec<u8>)> = (0..1_500u32)
@@ -555,5 +579,10 @@ mod tests {
             assert_eq!(lines_of(&many), want, "{threads} threads");
             assert_eq!(many.raw_total, one.raw_total);
         }
+        // Threads that cannot be started: the same chunks, built on this one.
+        FAIL_SPAWN.with(|fail| fail.set(true));
+        let here = BuiltChunks::build(&c, &fresh, 4);
+        FAIL_SPAWN.with(|fail| fail.set(false));
+        assert_eq!(lines_of(&here.expect("no threads")), want);
     }
 }
