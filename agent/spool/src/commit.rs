@@ -35,11 +35,14 @@ use crate::{
 pub(crate) struct BuiltChunks {
     /// Header and frame of each chunk, in record order.
     chunks: Vec<(chunk::ChunkHeader, Vec<u8>)>,
-    /// Bytes of NDJSON in all of them.
-    raw_total: u64,
 }
 
 impl BuiltChunks {
+    /// Bytes of NDJSON in all the chunks.
+    fn raw_total(&self) -> u64 {
+        self.chunks.iter().map(|(h, _)| u64::from(h.raw_len)).sum()
+    }
+
     /// Envelopes and compresses the records `fresh` marks, in order, cut at the chunk limits. The
     /// chunks are built on up to `threads` threads; where they are cut does not depend on it.
     fn build(
@@ -92,8 +95,7 @@ impl BuiltChunks {
             chunks
         });
         let chunks = chunks.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let raw_total = chunks.iter().map(|(h, _)| u64::from(h.raw_len)).sum();
-        Ok(BuiltChunks { chunks, raw_total })
+        Ok(BuiltChunks { chunks })
     }
 }
 
@@ -381,8 +383,9 @@ impl Spool {
             }
             figures.pending_records += spooled;
             figures.unbatched_records += spooled;
-            figures.pending_raw_bytes += q.built.raw_total;
-            figures.unbatched_raw_bytes += q.built.raw_total;
+            let raw_total = q.built.raw_total();
+            figures.pending_raw_bytes += raw_total;
+            figures.unbatched_raw_bytes += raw_total;
             new_ids.extend(
                 q.keys
                     .iter()
@@ -567,17 +570,13 @@ mod tests {
         for (r, _) in records.iter().zip(&fresh).filter(|(_, f)| **f) {
             envelope.write(&mut all, r.bytes);
         }
-        assert_eq!(
-            want.iter()
-                .flat_map(|(_, l)| l.clone())
-                .collect::<Vec<u8>>(),
-            all
-        );
-        assert_eq!(one.raw_total, all.len() as u64);
+        let joined: Vec<&[u8]> = want.iter().map(|(_, lines)| lines.as_slice()).collect();
+        assert_eq!(joined.concat(), all);
+        assert_eq!(one.raw_total(), all.len() as u64);
         for threads in [2, 3, 4, 64] {
             let many = BuiltChunks::build(&c, &fresh, threads).expect("threads");
             assert_eq!(lines_of(&many), want, "{threads} threads");
-            assert_eq!(many.raw_total, one.raw_total);
+            assert_eq!(many.raw_total(), one.raw_total());
         }
         // Threads that cannot be started: the same chunks, built on this one.
         FAIL_SPAWN.with(|fail| fail.set(true));
