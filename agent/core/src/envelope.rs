@@ -43,10 +43,9 @@ impl Envelope {
         out.extend_from_slice(&self.prefix);
         let start = out.len();
         out.extend_from_slice(record);
+        // A store of every byte (not only of the line breaks) lets the compiler do this 16 bytes at a time.
         for b in &mut out[start..] {
-            if *b == b'\n' || *b == b'\r' {
-                *b = b' ';
-            }
+            *b = if *b == b'\n' || *b == b'\r' { b' ' } else { *b };
         }
         out.extend_from_slice(SUFFIX);
     }

@@ -7,7 +7,7 @@
 //!   compresses a blob of several chunks on up to 4 threads, so that a lone collector does too.
 //! - It then queues itself and takes the lock. Whoever holds the lock takes every queued commit as one
 //!   group: the group's frames go to the segment in one append and one `fdatasync`, its chunk
-//!   references, done-marks, cursors and dedup log entry into ONE sled transaction, followed by one
+//!   references, done-marks, cursors and dedup log entry into ONE atomic sled batch, followed by one
 //!   durability point. A queued commit finds its outcome when it gets the lock, so a commit still
 //!   returns only once its own records are durable.
 //! - Chunk numbers are given in queue order under the lock, so chunk and segment numbers still grow
@@ -18,14 +18,14 @@
 //!   is checked against the window then (so an Id of a group that failed is never dropped).
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sensor_core::envelope::Envelope;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use crate::keys::BlobKeys;
+use crate::runs::KeyHash;
 use crate::{
     chunk, day_of, done_value, json, keys, locked, now_ms, now_unix, BlobCommit, CommitOutcome,
     Cursor, DoneKind, Inner, Spool, SpoolError,
@@ -163,9 +163,8 @@ pub(crate) struct Queued {
     content_id: String,
     expires_unix: i64,
     cursor: Option<Cursor>,
-    /// Record Ids, and their dedup keys, of all the blob's records.
-    ids: Vec<String>,
-    keys: Vec<Vec<u8>>,
+    /// Record Ids and dedup keys of all the blob's records.
+    keys: BlobKeys,
     /// The records that were new at the last check (the built chunks hold exactly these).
     fresh: Vec<bool>,
     /// `Inner::commits` at that check.
@@ -183,12 +182,11 @@ enum Outcome {
     /// Written (or failed) with its group.
     Done(Result<CommitOutcome, SpoolError>),
     /// Some of its Ids were spooled by another commit since its check: build again with these.
-    /// The Ids and keys come back with it.
+    /// The keys come back with it.
     Rebuild {
         fresh: Vec<bool>,
         checked_at: u64,
-        ids: Vec<String>,
-        keys: Vec<Vec<u8>>,
+        keys: BlobKeys,
     },
 }
 
@@ -204,13 +202,13 @@ impl Inner {
     fn not_in_window(
         &self,
         tenant_id: &str,
-        ids: impl Iterator<Item = impl AsRef<str>>,
-        keys: &[Vec<u8>],
+        keys: &BlobKeys,
         candidates: &[bool],
     ) -> Result<Vec<bool>, SpoolError> {
         let mut fresh = Vec::with_capacity(keys.len());
-        for ((id, key), candidate) in ids.zip(keys).zip(candidates) {
-            fresh.push(*candidate && !self.seen.contains(key, tenant_id, id.as_ref())?);
+        for (i, candidate) in candidates.iter().enumerate() {
+            let (key, h) = keys.key(i);
+            fresh.push(*candidate && !self.seen.contains_hashed(key, h, tenant_id, keys.id(i))?);
         }
         Ok(fresh)
     }
@@ -221,24 +219,18 @@ impl Spool {
     /// dedup window, or repeated within the blob, are dropped and counted. Returns only once the blob's
     /// records, done-mark and cursor are durable.
     pub fn commit_blob(&self, c: &BlobCommit<'_>) -> Result<CommitOutcome, SpoolError> {
-        let seen_keys = keys::SeenKeys::new(c.tenant_id);
-        let mut keys: Vec<Vec<u8>> = c.records.iter().map(|r| seen_keys.key(r.id)).collect();
+        let mut keys = BlobKeys::new(c.tenant_id, c.records.iter().map(|r| r.id));
         // A repeat within the blob is a duplicate of its first occurrence.
-        let mut in_blob: HashSet<&[u8]> = HashSet::with_capacity(keys.len());
-        let first: Vec<bool> = keys.iter().map(|k| in_blob.insert(k)).collect();
+        let first = keys.first_of_each();
         // Checked against the window now if the lock is free; if a group is being written, by the next
         // group's writer instead (a blob of duplicates is then built in vain, never spooled).
         let (mut fresh, mut checked_at) = match self.inner.try_lock() {
-            Ok(inner) => {
-                let ids = c.records.iter().map(|r| r.id);
-                (
-                    inner.not_in_window(c.tenant_id, ids, &keys, &first)?,
-                    inner.commits,
-                )
-            }
+            Ok(inner) => (
+                inner.not_in_window(c.tenant_id, &keys, &first)?,
+                inner.commits,
+            ),
             Err(_) => (first, UNCHECKED),
         };
-        let mut ids: Vec<String> = c.records.iter().map(|r| r.id.to_string()).collect();
         loop {
             let built = {
                 let building = Building::enter(&self.building);
@@ -256,7 +248,6 @@ impl Spool {
                 content_id: c.content_id.to_string(),
                 expires_unix: c.expires_unix,
                 cursor: c.cursor.cloned(),
-                ids,
                 keys,
                 fresh,
                 checked_at,
@@ -274,10 +265,9 @@ impl Spool {
                 Some(Outcome::Rebuild {
                     fresh: again,
                     checked_at: at,
-                    ids: back_ids,
-                    keys: back_keys,
+                    keys: back,
                 }) => {
-                    (fresh, checked_at, ids, keys) = (again, at, back_ids, back_keys);
+                    (fresh, checked_at, keys) = (again, at, back);
                 }
                 None => {
                     return Err(SpoolError::Corrupt(format!(
@@ -299,7 +289,7 @@ impl Spool {
             let mut round_keys: HashSet<u64> = HashSet::new();
             for mut q in pending {
                 if inner.commits != q.checked_at {
-                    let again = inner.not_in_window(&q.tenant_id, q.ids.iter(), &q.keys, &q.fresh);
+                    let again = inner.not_in_window(&q.tenant_id, &q.keys, &q.fresh);
                     match again {
                         Err(e) => {
                             *locked(&q.outcome) = Some(Outcome::Done(Err(e)));
@@ -309,7 +299,6 @@ impl Spool {
                             *locked(&q.outcome) = Some(Outcome::Rebuild {
                                 fresh: again,
                                 checked_at: inner.commits,
-                                ids: q.ids,
                                 keys: q.keys,
                             });
                             continue;
@@ -317,12 +306,9 @@ impl Spool {
                         Ok(_) => q.checked_at = inner.commits,
                     }
                 }
-                let hashes: Vec<u64> = q
-                    .keys
-                    .iter()
-                    .zip(&q.fresh)
-                    .filter(|(_, f)| **f)
-                    .map(|(k, _)| self.key_hasher.hash_one(k))
+                let hashes: Vec<u64> = (0..q.keys.len())
+                    .filter(|i| q.fresh[*i])
+                    .map(|i| q.keys.key(i).1.word())
                     .collect();
                 if hashes.iter().any(|h| round_keys.contains(h)) {
                     later.push(q);
@@ -339,7 +325,7 @@ impl Spool {
         }
     }
 
-    /// Writes one group of commits that share no new Id: one segment append, one transaction, one
+    /// Writes one group of commits that share no new Id: one segment append, one atomic batch, one
     /// durability point. Returns each commit's outcome, in order.
     fn write_group(
         &self,
@@ -369,7 +355,7 @@ impl Spool {
         let mut numbered: Vec<u64> = Vec::new();
         let mut frames: Vec<&[u8]> = Vec::new();
         let mut headers: Vec<&chunk::ChunkHeader> = Vec::new();
-        let mut new_ids: Vec<&[u8]> = Vec::new();
+        let mut new_ids: Vec<(&[u8], KeyHash)> = Vec::new();
         let mut cursors: HashMap<&str, Cursor> = HashMap::new();
         let mut outcomes = Vec::with_capacity(group.len());
         for q in group {
@@ -387,11 +373,9 @@ impl Spool {
             figures.pending_raw_bytes += raw_total;
             figures.unbatched_raw_bytes += raw_total;
             new_ids.extend(
-                q.keys
-                    .iter()
-                    .zip(&q.fresh)
-                    .filter(|(_, f)| **f)
-                    .map(|(k, _)| k.as_slice()),
+                (0..q.keys.len())
+                    .filter(|i| q.fresh[*i])
+                    .map(|i| q.keys.key(i)),
             );
             if let Some(new) = &q.cursor {
                 let old = match cursors.remove(q.source.as_str()) {
@@ -406,56 +390,40 @@ impl Spool {
             });
         }
         let figures_json = json(&figures);
-        let (log_key, log_value) = inner.seen.log_entry(today, &new_ids);
-        // The frames are durable in their segment before the transaction that references them.
+        let new_keys: Vec<&[u8]> = new_ids.iter().map(|(k, _)| *k).collect();
+        let (log_key, log_value) = inner.seen.log_entry(today, &new_keys);
+        // The frames are durable in their segment before the batch that references them.
         let locs = inner.segments.append(&frames)?;
-        let refs: Vec<([u8; 9], Vec<u8>)> = numbered
-            .iter()
-            .zip(headers)
-            .zip(locs)
-            .map(|((seq, h), loc)| (keys::seq_key(keys::CHUNK, *seq), chunk::encode_ref(h, loc)))
-            .collect();
-        let done: Vec<(Vec<u8>, [u8; 9])> = group
-            .iter()
-            .map(|q| {
-                (
-                    keys::done_key(&q.source, &q.content_id),
-                    done_value(q.expires_unix, DoneKind::Spooled),
-                )
-            })
-            .collect();
-        let cursor_values: Vec<(Vec<u8>, Vec<u8>)> = cursors
-            .iter()
-            .map(|(source, c)| (keys::cursor_key(source), json(c)))
-            .collect();
+        // One tree: a batch is as atomic as a transaction (also across a crash: sled seals it) and cheaper.
+        let mut batch = sled::Batch::default();
+        for ((seq, h), loc) in numbered.iter().zip(headers).zip(locs) {
+            batch.insert(
+                &keys::seq_key(keys::CHUNK, *seq)[..],
+                chunk::encode_ref(h, loc),
+            );
+        }
+        for (source, c) in &cursors {
+            batch.insert(keys::cursor_key(source), json(c));
+        }
+        for q in group {
+            batch.insert(
+                keys::done_key(&q.source, &q.content_id),
+                &done_value(q.expires_unix, DoneKind::Spooled)[..],
+            );
+        }
+        batch.insert(
+            keys::meta_key(keys::meta::NEXT_CHUNK),
+            &next_chunk.to_be_bytes()[..],
+        );
+        batch.insert(keys::meta_key(keys::meta::FIGURES), figures_json);
+        if !new_ids.is_empty() {
+            batch.insert(&log_key[..], log_value);
+        }
         let g = self.g();
-        let result: Result<(), TransactionError<()>> = g.main.transaction(|m| {
-            for (k, v) in &refs {
-                m.insert(k.as_slice(), v.as_slice())?;
-            }
-            for (k, v) in &cursor_values {
-                m.insert(k.as_slice(), v.as_slice())?;
-            }
-            for (k, v) in &done {
-                m.insert(k.as_slice(), v.as_slice())?;
-            }
-            m.insert(
-                keys::meta_key(keys::meta::NEXT_CHUNK),
-                &next_chunk.to_be_bytes(),
-            )?;
-            m.insert(keys::meta_key(keys::meta::FIGURES), figures_json.as_slice())?;
-            if !new_ids.is_empty() {
-                m.insert(&log_key[..], log_value.as_slice())?;
-            }
-            Ok::<(), ConflictableTransactionError<()>>(())
-        });
-        result.map_err(|e| match e {
-            TransactionError::Storage(e) => SpoolError::Db(e),
-            TransactionError::Abort(()) => SpoolError::Corrupt("transaction aborted".into()),
-        })?;
-        // The transaction is applied: the memory follows it before anything can fail, or the next
+        g.main.apply_batch(batch)?;
+        // The batch is applied: the memory follows it before anything can fail, or the next
         // commit would reuse its chunk numbers. A failed fdatasync returns an error below; the next
-        // successful one makes this transaction durable too (sled flushes everything).
+        // successful one makes this batch durable too (sled flushes everything).
         inner.next_chunk = next_chunk;
         inner.figures = figures;
         inner.commits += 1;
@@ -463,7 +431,7 @@ impl Spool {
             if inner.oldest_unbatched.is_none() {
                 inner.oldest_unbatched = Some(std::time::Instant::now());
             }
-            inner.seen.logged(today, &new_ids);
+            inner.seen.logged_hashed(today, new_ids.iter().copied());
         }
         // One durability point for the group; each blob is named as durable (durability.rs reads these).
         let blob = |q: &Queued| format!("blob {} {}", q.source, q.content_id);

@@ -1,7 +1,7 @@
 //! The record-Id dedup window: which (tenant, record Id) pairs were spooled in the last `dedup_days`
 //! UTC days, by the day they were first spooled.
 //!
-//! Format 3 (this version writes it): a blob's new keys go into the blob's own sled transaction as ONE
+//! Format 3 (this version writes it): a blob's new keys go into the blob's own atomic sled batch as ONE
 //! log entry (`L` + day + log seq → the keys, length-prefixed), not one sled key per Id; they are also
 //! held in memory. When the memory holds [`MEM_MAX_KEYS`], they are written out as sorted run files
 //! (`runs.rs`, one per day) and then the log entries are deleted. Runs of a day are merged pairwise
@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use crate::memkeys::MemKeys;
 use crate::runs::{self, KeyHash, Run};
 use crate::{io_err, keys, SpoolError};
 
@@ -32,7 +33,7 @@ pub struct DedupWindow {
     /// Runs, oldest (day, seq) first.
     runs: Vec<Run>,
     /// Keys logged and not yet in a run, by day.
-    mem: BTreeMap<u32, HashSet<Box<[u8]>>>,
+    mem: BTreeMap<u32, MemKeys>,
     mem_keys: usize,
     /// Keys in memory that trigger writing runs ([`MEM_MAX_KEYS`]; tests lower it).
     mem_max_keys: usize,
@@ -133,15 +134,15 @@ impl DedupWindow {
             let seq = u64::from_be_bytes(k[5..].try_into().map_err(|_| bad())?);
             w.next_log = w.next_log.max(seq + 1);
             let keys = runs::keys_of(&v).ok_or_else(bad)?;
-            w.remember(day, keys.into_iter());
+            w.remember(day, keys.into_iter().map(|k| (k, KeyHash::of(k))));
         }
         Ok(w)
     }
 
-    fn remember<'k>(&mut self, day: u32, keys: impl Iterator<Item = &'k [u8]>) {
+    fn remember<'k>(&mut self, day: u32, keys: impl Iterator<Item = (&'k [u8], KeyHash)>) {
         let set = self.mem.entry(day).or_default();
-        for k in keys {
-            if set.insert(Box::from(k)) {
+        for (k, h) in keys {
+            if set.insert(k, h) {
                 self.mem_keys += 1;
             }
         }
@@ -156,10 +157,20 @@ impl DedupWindow {
         tenant_id: &str,
         record_id: &str,
     ) -> Result<bool, SpoolError> {
-        if self.mem.values().any(|s| s.contains(key)) {
+        self.contains_hashed(key, KeyHash::of(key), tenant_id, record_id)
+    }
+
+    /// [`DedupWindow::contains`] of a key whose hash is `h`.
+    pub(crate) fn contains_hashed(
+        &self,
+        key: &[u8],
+        h: KeyHash,
+        tenant_id: &str,
+        record_id: &str,
+    ) -> Result<bool, SpoolError> {
+        if self.mem.values().any(|s| s.contains(key, h)) {
             return Ok(true);
         }
-        let h = KeyHash::of(key);
         for run in self.runs.iter().rev() {
             if run.contains(key, h)? {
                 return Ok(true);
@@ -182,7 +193,7 @@ impl DedupWindow {
     }
 
     /// The log entry (key, value) that records `keys` as inserted on `day`: the caller writes it in the
-    /// transaction that spools their records, then calls [`DedupWindow::logged`].
+    /// batch that spools their records, then calls [`DedupWindow::logged`].
     pub fn log_entry<K: AsRef<[u8]>>(&self, day: u32, keys: &[K]) -> ([u8; 13], Vec<u8>) {
         let mut v = Vec::with_capacity(keys.iter().map(|k| k.as_ref().len() + 1).sum());
         for k in keys {
@@ -191,10 +202,22 @@ impl DedupWindow {
         (log_key(day, self.next_log), v)
     }
 
-    /// After the transaction holding [`DedupWindow::log_entry`] committed: the keys count as seen.
+    /// After the batch holding [`DedupWindow::log_entry`] committed: the keys count as seen.
     pub fn logged<K: AsRef<[u8]>>(&mut self, day: u32, keys: &[K]) {
+        self.logged_hashed(
+            day,
+            keys.iter().map(|k| (k.as_ref(), KeyHash::of(k.as_ref()))),
+        );
+    }
+
+    /// [`DedupWindow::logged`] of keys with their hashes.
+    pub(crate) fn logged_hashed<'k>(
+        &mut self,
+        day: u32,
+        keys: impl Iterator<Item = (&'k [u8], KeyHash)>,
+    ) {
         self.next_log += 1;
-        self.remember(day, keys.iter().map(AsRef::as_ref));
+        self.remember(day, keys);
     }
 
     /// When memory holds [`MEM_MAX_KEYS`] keys, writes them out as runs ([`DedupWindow::write_runs`]).
@@ -215,9 +238,7 @@ impl DedupWindow {
             let Some(set) = self.mem.get(&day) else {
                 continue;
             };
-            let mut keys: Vec<&[u8]> = set.iter().map(|k| &**k).collect();
-            keys.sort_unstable();
-            let run = Run::write(&self.dir, day, self.next_run, &keys)?;
+            let run = Run::write(&self.dir, day, self.next_run, &set.sorted())?;
             self.next_run += 1;
             self.runs.push(run);
             if let Some(set) = self.mem.remove(&day) {

@@ -1,6 +1,8 @@
 //! Key layout of the spool's main tree. WARNING: these prefixes and encodings are the on-disk format;
 //! changing any of them makes existing spools unreadable. Add new prefixes, never reuse one.
 
+use crate::runs::KeyHash;
+
 /// Chunk of envelope lines: `C` + seq (u64 BE).
 pub const CHUNK: u8 = b'C';
 /// Batch descriptor: `B` + seq (u64 BE).
@@ -119,23 +121,105 @@ impl<'t> SeenKeys<'t> {
 
     /// [`seen_key_v2`] of (the tenant, `record_id`).
     pub fn key(&self, record_id: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(33);
+        self.write_key(&mut k, record_id);
+        k
+    }
+
+    /// Appends [`seen_key_v2`] of (the tenant, `record_id`) to `out`.
+    pub fn write_key(&self, out: &mut Vec<u8>, record_id: &str) {
         match (self.tenant_guid, guid_bytes(record_id)) {
             (Some(t), Some(r)) => {
-                let mut k = Vec::with_capacity(33);
-                k.push(SEEN_GUIDS);
-                k.extend_from_slice(&t);
-                k.extend_from_slice(&r);
-                k
+                out.push(SEEN_GUIDS);
+                out.extend_from_slice(&t);
+                out.extend_from_slice(&r);
             }
             _ => {
-                let mut k = Vec::with_capacity(2 + self.tenant_id.len() + record_id.len());
-                k.push(SEEN_TEXT);
-                k.extend_from_slice(self.tenant_id.as_bytes());
-                k.push(0);
-                k.extend_from_slice(record_id.as_bytes());
-                k
+                out.push(SEEN_TEXT);
+                out.extend_from_slice(self.tenant_id.as_bytes());
+                out.push(0);
+                out.extend_from_slice(record_id.as_bytes());
             }
         }
+    }
+}
+
+/// The record Ids of one blob's records and their seen keys ([`seen_key_v2`]) and key hashes, in record
+/// order. Each kind is held in one buffer: no allocation per record.
+pub(crate) struct BlobKeys {
+    ids: String,
+    /// End of each Id in `ids`.
+    id_ends: Vec<usize>,
+    keys: Vec<u8>,
+    /// End of each key in `keys`.
+    key_ends: Vec<usize>,
+    hashes: Vec<KeyHash>,
+}
+
+impl BlobKeys {
+    /// The keys of `tenant_id`'s records with Ids `ids`.
+    pub(crate) fn new<'a>(
+        tenant_id: &str,
+        ids: impl ExactSizeIterator<Item = &'a str>,
+    ) -> BlobKeys {
+        let seen = SeenKeys::new(tenant_id);
+        let n = ids.len();
+        let mut b = BlobKeys {
+            ids: String::with_capacity(n * 36),
+            id_ends: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n * 33),
+            key_ends: Vec::with_capacity(n),
+            hashes: Vec::with_capacity(n),
+        };
+        for id in ids {
+            b.ids.push_str(id);
+            b.id_ends.push(b.ids.len());
+            let start = b.keys.len();
+            seen.write_key(&mut b.keys, id);
+            b.key_ends.push(b.keys.len());
+            b.hashes.push(KeyHash::of(&b.keys[start..]));
+        }
+        b
+    }
+
+    /// How many records.
+    pub(crate) fn len(&self) -> usize {
+        self.key_ends.len()
+    }
+
+    /// The key of record `i` and its hash.
+    pub(crate) fn key(&self, i: usize) -> (&[u8], KeyHash) {
+        let start = if i == 0 { 0 } else { self.key_ends[i - 1] };
+        (&self.keys[start..self.key_ends[i]], self.hashes[i])
+    }
+
+    /// The record Id of record `i`.
+    pub(crate) fn id(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.id_ends[i - 1] };
+        &self.ids[start..self.id_ends[i]]
+    }
+
+    /// Which records are the first with their key (a later repeat within the blob is its duplicate).
+    pub(crate) fn first_of_each(&self) -> Vec<bool> {
+        let mut table: hashbrown::HashTable<usize> =
+            hashbrown::HashTable::with_capacity(self.len());
+        (0..self.len())
+            .map(|i| {
+                let (key, h) = self.key(i);
+                let found = table.entry(
+                    h.word(),
+                    |j| self.key(*j).0 == key,
+                    |j| self.hashes[*j].word(),
+                );
+                match found {
+                    hashbrown::hash_table::Entry::Occupied(_) => false,
+                    hashbrown::hash_table::Entry::Vacant(slot) => {
+                        slot.insert(i);
+                        true
+                    }
+                }
+            })
+            .collect()
     }
 }
 
@@ -263,6 +347,29 @@ mod tests {
             g.to_uppercase()
         } else {
             g
+        }
+    }
+
+    proptest::proptest! {
+        /// A blob's keys are the keys of its Ids one by one, and exactly the first record with each
+        /// key counts as first: Ids from a small alphabet repeat, and GUIDs and text mix.
+        #[test]
+        fn blob_keys_are_each_ids_key_and_find_every_repeat(
+            picks in proptest::collection::vec(0usize..6, 0..40),
+        ) {
+            let t = "2b7e1516-28ae-4d2a-a6d2-15883a9b1d01";
+            let pool = [guid(1, false), guid(1, true), guid(2, false), String::new(), "a".into(), "a\0".into()];
+            let ids: Vec<&str> = picks.iter().map(|p| pool[*p].as_str()).collect();
+            let b = BlobKeys::new(t, ids.iter().copied());
+            proptest::prop_assert_eq!(b.len(), ids.len());
+            let mut seen = std::collections::HashSet::new();
+            for (i, id) in ids.iter().enumerate() {
+                let (key, h) = b.key(i);
+                proptest::prop_assert_eq!(key, &seen_key_v2(t, id)[..]);
+                proptest::prop_assert_eq!(h.word(), KeyHash::of(key).word());
+                proptest::prop_assert_eq!(b.id(i), *id);
+                proptest::prop_assert_eq!(b.first_of_each()[i], seen.insert(*id));
+            }
         }
     }
 

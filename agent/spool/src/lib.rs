@@ -2,12 +2,12 @@
 //!
 //! # Durability contract
 //! - [`Spool::commit_blob`] appends a blob's new records (chunks of envelope lines, zstd frames) to a
-//!   segment file and `fdatasync`s it (`segments.rs`); then writes, in ONE sled transaction, a reference
+//!   segment file and `fdatasync`s it (`segments.rs`); then writes, in ONE atomic sled batch, a reference
 //!   to each chunk, the blob's done-mark, the record Ids it adds to the dedup window and the collector's
 //!   cursor; then calls `Db::flush()` and a real `fdatasync` of sled's data file (`flush()` alone only
 //!   issues `sync_file_range`: see `shared/design/crate-notes.md`). It returns only after all three. A
 //!   caller may treat the blob as done, and its cursor as advanced, only after `commit_blob` returned
-//!   `Ok`. Concurrent commits share these steps as one group (one append, one transaction, one
+//!   `Ok`. Concurrent commits share these steps as one group (one append, one batch, one
 //!   durability point, `commit.rs`); each still returns only once its own group is durable.
 //! - [`Spool::cut_batch`] persists a batch descriptor (its sequence number, which is its Idempotency-Key,
 //!   and the exact record range it covers) and the next batch number, made durable the same way, before it
@@ -62,6 +62,7 @@ pub const PASS_THROUGH_MIN_RAW: usize = 64 * 1024;
 mod dedup;
 mod gen;
 mod keys;
+mod memkeys;
 mod runs;
 mod segments;
 
@@ -224,7 +225,7 @@ pub struct QuarantineItem {
     pub payload: String,
 }
 
-/// Figures of the spool. Invariant: kept in the same transactions as the data they count.
+/// Figures of the spool. Invariant: kept in the same atomic batches as the data they count.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Figures {
     /// Records spooled and not yet acknowledged.
@@ -288,8 +289,6 @@ pub struct Spool {
     inner: Mutex<Inner>,
     /// Commits built and waiting for a group's write (`commit.rs`); taken under `inner`'s lock.
     queue: Mutex<Vec<commit::Queued>>,
-    /// Hashes Ids to keep one group's commits apart (`commit.rs`).
-    key_hasher: std::collections::hash_map::RandomState,
     /// Where the chunks' frames live (read without the lock; appended under it through `Inner`).
     segments_dir: PathBuf,
     /// Threads a commit building alone builds its chunks on (the cores, at most 4; `commit.rs`).
@@ -444,7 +443,6 @@ impl Spool {
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             queue: Mutex::new(Vec::new()),
-            key_hasher: Default::default(),
             build_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             building: std::sync::atomic::AtomicUsize::new(0),
             inner: Mutex::new(Inner {

@@ -99,6 +99,11 @@ impl KeyHash {
         let (a, b) = hash(key);
         KeyHash(a, b)
     }
+
+    /// One word of it, for a hash table in memory.
+    pub(crate) fn word(self) -> u64 {
+        self.0
+    }
 }
 
 fn hash(key: &[u8]) -> (u64, u64) {

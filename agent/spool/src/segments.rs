@@ -5,7 +5,7 @@
 //!
 //! Invariants:
 //! - A frame is written, and its segment file `fdatasync`ed (with the directory, for a new file), before
-//!   the sled transaction that references it: a durable reference never points at bytes that are not.
+//!   the sled batch that references it: a durable reference never points at bytes that are not.
 //! - A segment is only appended to, by the one process that holds the spool's lock, and only in the run
 //!   that created it: every open starts a new segment, so a torn tail of a crashed run is never
 //!   extended, and bytes no reference points at (a commit that failed or crashed) are simply never read.

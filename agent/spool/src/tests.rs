@@ -175,7 +175,7 @@ fn queued_commits_are_written_as_one_group_and_share_its_outcome() {
     // While the test holds the spool's lock, three commits queue up in a known order: g1 (Ids 0..100),
     // g2 (50..150, overlapping g1) and g3 (200..300). Whoever gets the lock next writes g1 and g3 as one
     // group, whose durability point fails: both get the error. g2 waits for the next round, finds Ids
-    // 50..100 in the window (the failed group's transaction was applied and becomes durable with the
+    // 50..100 in the window (the failed group's batch was applied and becomes durable with the
     // next sync) and spools 100..150 only.
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = Spool::open(dir.path(), opts()).expect("open");
