@@ -174,6 +174,15 @@ pub(crate) struct Queued {
     outcome: Arc<Mutex<Option<Outcome>>>,
 }
 
+impl Queued {
+    /// The keys (and hashes) of the records this commit spools.
+    fn fresh_keys(&self) -> impl Iterator<Item = (&[u8], KeyHash)> {
+        (0..self.keys.len())
+            .filter(|i| self.fresh[*i])
+            .map(|i| self.keys.key(i))
+    }
+}
+
 /// `Queued::checked_at` of a commit not yet checked against the window (never equal to `Inner::commits`).
 const UNCHECKED: u64 = u64::MAX;
 
@@ -306,10 +315,7 @@ impl Spool {
                         Ok(_) => q.checked_at = inner.commits,
                     }
                 }
-                let hashes: Vec<u64> = (0..q.keys.len())
-                    .filter(|i| q.fresh[*i])
-                    .map(|i| q.keys.key(i).1.word())
-                    .collect();
+                let hashes: Vec<u64> = q.fresh_keys().map(|(_, h)| h.word()).collect();
                 if hashes.iter().any(|h| round_keys.contains(h)) {
                     later.push(q);
                     continue;
@@ -372,11 +378,7 @@ impl Spool {
             let raw_total = q.built.raw_total();
             figures.pending_raw_bytes += raw_total;
             figures.unbatched_raw_bytes += raw_total;
-            new_ids.extend(
-                (0..q.keys.len())
-                    .filter(|i| q.fresh[*i])
-                    .map(|i| q.keys.key(i)),
-            );
+            new_ids.extend(q.fresh_keys());
             if let Some(new) = &q.cursor {
                 let old = match cursors.remove(q.source.as_str()) {
                     Some(c) => Some(c),

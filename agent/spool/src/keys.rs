@@ -1,6 +1,7 @@
 //! Key layout of the spool's main tree. WARNING: these prefixes and encodings are the on-disk format;
 //! changing any of them makes existing spools unreadable. Add new prefixes, never reuse one.
 
+use crate::memkeys::MemKeys;
 use crate::runs::KeyHash;
 
 /// Chunk of envelope lines: `C` + seq (u64 BE).
@@ -189,38 +190,30 @@ impl BlobKeys {
 
     /// The key of record `i` and its hash.
     pub(crate) fn key(&self, i: usize) -> (&[u8], KeyHash) {
-        let start = if i == 0 { 0 } else { self.key_ends[i - 1] };
-        (&self.keys[start..self.key_ends[i]], self.hashes[i])
+        (&self.keys[span(&self.key_ends, i)], self.hashes[i])
     }
 
     /// The record Id of record `i`.
     pub(crate) fn id(&self, i: usize) -> &str {
-        let start = if i == 0 { 0 } else { self.id_ends[i - 1] };
-        &self.ids[start..self.id_ends[i]]
+        &self.ids[span(&self.id_ends, i)]
     }
 
     /// Which records are the first with their key (a later repeat within the blob is its duplicate).
     pub(crate) fn first_of_each(&self) -> Vec<bool> {
-        let mut table: hashbrown::HashTable<usize> =
-            hashbrown::HashTable::with_capacity(self.len());
+        let mut seen = MemKeys::default();
         (0..self.len())
             .map(|i| {
                 let (key, h) = self.key(i);
-                let found = table.entry(
-                    h.word(),
-                    |j| self.key(*j).0 == key,
-                    |j| self.hashes[*j].word(),
-                );
-                match found {
-                    hashbrown::hash_table::Entry::Occupied(_) => false,
-                    hashbrown::hash_table::Entry::Vacant(slot) => {
-                        slot.insert(i);
-                        true
-                    }
-                }
+                seen.insert(key, h)
             })
             .collect()
     }
+}
+
+/// Where part `i` lies in a buffer whose parts end at `ends`.
+fn span(ends: &[usize], i: usize) -> std::ops::Range<usize> {
+    let start = if i == 0 { 0 } else { ends[i - 1] };
+    start..ends[i]
 }
 
 /// Hex digit values; 0xff for anything else (uppercase included: it is another string).
@@ -363,12 +356,13 @@ mod tests {
             let b = BlobKeys::new(t, ids.iter().copied());
             proptest::prop_assert_eq!(b.len(), ids.len());
             let mut seen = std::collections::HashSet::new();
+            let first = b.first_of_each();
             for (i, id) in ids.iter().enumerate() {
                 let (key, h) = b.key(i);
                 proptest::prop_assert_eq!(key, &seen_key_v2(t, id)[..]);
                 proptest::prop_assert_eq!(h.word(), KeyHash::of(key).word());
                 proptest::prop_assert_eq!(b.id(i), *id);
-                proptest::prop_assert_eq!(b.first_of_each()[i], seen.insert(*id));
+                proptest::prop_assert_eq!(first[i], seen.insert(*id));
             }
         }
     }

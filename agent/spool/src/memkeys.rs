@@ -37,11 +37,7 @@ impl MemKeys {
     pub(crate) fn insert(&mut self, key: &[u8], h: KeyHash) -> bool {
         let hash = h.word();
         let MemKeys { bytes, index } = self;
-        let found = index.entry(
-            hash,
-            |e| e.hash == hash && &bytes[e.start..e.start + e.len] == key,
-            |e| e.hash,
-        );
+        let found = index.entry(hash, |e| e.hash == hash && e.of(bytes) == key, |e| e.hash);
         match found {
             hashbrown::hash_table::Entry::Occupied(_) => false,
             hashbrown::hash_table::Entry::Vacant(slot) => {
@@ -69,7 +65,14 @@ impl MemKeys {
     }
 
     fn key(&self, e: &Entry) -> &[u8] {
-        &self.bytes[e.start..e.start + e.len]
+        e.of(&self.bytes)
+    }
+}
+
+impl Entry {
+    /// The key's bytes in `bytes`.
+    fn of(self, bytes: &[u8]) -> &[u8] {
+        &bytes[self.start..self.start + self.len]
     }
 }
 
