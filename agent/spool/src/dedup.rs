@@ -3,8 +3,10 @@
 //!
 //! Format 3 (this version writes it): a blob's new keys go into the blob's own atomic sled batch as ONE
 //! log entry (`L` + day + log seq → the keys, length-prefixed), not one sled key per Id; they are also
-//! held in memory. When the memory holds [`MEM_MAX_KEYS`], they are written out as sorted run files
-//! (`runs.rs`, one per day) and then the log entries are deleted. Runs of a day are merged pairwise
+//! held in memory. When the memory holds [`MEM_MAX_KEYS`], they are frozen and written out as sorted
+//! run files (`runs.rs`, one per day) on a thread of their own while commits go on; once the runs are
+//! durable the window adopts them and deletes the log entries of the frozen keys. Runs of a day are
+//! merged pairwise
 //! (the newest two when the newer is at least half the older), so a day keeps O(log n) runs. A lookup
 //! checks memory, then the runs newest first (a Bloom filter skips most), then the sled trees of
 //! formats 2 (`seen2-<day>`) and 1 (`seen-<day>`) that older versions left, until they expire. Expiry
@@ -13,12 +15,16 @@
 //! Invariants: a key is exact ([`crate::keys::seen_key_v2`]) and a lookup never answers "seen" for a key
 //! that was not inserted (a false positive would silently drop a record). A key inserted by a committed
 //! blob is found by every later lookup in the window, across crashes: its log entry is durable with the
-//! blob, and is deleted only after a run holding the key is durable. A day is dropped only when it is
-//! wholly older than the window. Memory is bounded by [`MEM_MAX_KEYS`] keys plus each run's index and
-//! filter (~1.6 bytes per key); the keys themselves stay on disk.
+//! blob, and is deleted only after a run holding the key is durable; frozen keys are looked up until
+//! then. A day is dropped only when it is wholly older than the window. Memory is bounded by twice
+//! [`MEM_MAX_KEYS`] keys (a commit that fills memory while a write is running waits for it) plus each
+//! run's index and filter (~1.6 bytes per key); the keys themselves stay on disk. No file of the
+//! window is written once the window is dropped (the drop waits for a running write).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use crate::memkeys::MemKeys;
 use crate::runs::{self, KeyHash, Run};
@@ -29,19 +35,41 @@ pub const MEM_MAX_KEYS: usize = 65_536;
 
 /// The dedup window of a spool. Not synchronised: the spool holds it under its lock.
 pub struct DedupWindow {
-    dir: PathBuf,
-    /// Runs, oldest (day, seq) first.
-    runs: Vec<Run>,
-    /// Keys logged and not yet in a run, by day.
+    files: RunFiles,
+    /// Keys logged and not yet in a run or being written, by day.
     mem: BTreeMap<u32, MemKeys>,
     mem_keys: usize,
     /// Keys in memory that trigger writing runs ([`MEM_MAX_KEYS`]; tests lower it).
     mem_max_keys: usize,
     next_log: u64,
-    next_run: u64,
+    /// The write of frozen keys running on its own thread, if any.
+    writing: Option<Writing>,
     /// Format-2 and format-1 day trees left by older versions: read until they expire.
     legacy: Legacy,
 }
+
+/// The run files of a window and the number the next one gets. A write works on its own copy (the runs
+/// are shared, read through their open files) and hands it back; the window adopts it whole.
+#[derive(Clone)]
+struct RunFiles {
+    dir: PathBuf,
+    /// Runs, oldest (day, seq) first.
+    runs: Vec<Arc<Run>>,
+    next_run: u64,
+}
+
+/// Keys frozen out of memory and being written as runs on their own thread.
+struct Writing {
+    /// The frozen keys by day: still looked up until the runs holding them are adopted.
+    frozen: Arc<BTreeMap<u32, MemKeys>>,
+    frozen_keys: usize,
+    /// Log entries numbered below this hold only keys that are frozen or already in runs.
+    log_below: u64,
+    thread: JoinHandle<Written>,
+}
+
+/// What a write hands back: the run files as it left them, and whether every frozen key is in them.
+type Written = (RunFiles, Result<(), SpoolError>);
 
 struct Legacy {
     db: sled::Db,
@@ -91,6 +119,16 @@ fn log_key(day: u32, seq: u64) -> [u8; 13] {
     k
 }
 
+/// The (day, seq) of a log key; `None` for a malformed one.
+fn parse_log_key(k: &[u8]) -> Option<(u32, u64)> {
+    if k.len() != 13 {
+        return None;
+    }
+    let day = u32::from_be_bytes(k[1..5].try_into().ok()?);
+    let seq = u64::from_be_bytes(k[5..].try_into().ok()?);
+    Some((day, seq))
+}
+
 impl DedupWindow {
     /// Opens the window of a spool: the runs in `dir` (created when missing; unfinished `.tmp` files of
     /// an interrupted write are deleted), the log entries of `main` (back into memory), and the older
@@ -111,27 +149,26 @@ impl DedupWindow {
         found.sort_unstable();
         let runs = found
             .iter()
-            .map(|(day, seq)| Run::open(dir, *day, *seq))
+            .map(|(day, seq)| Run::open(dir, *day, *seq).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let next_run = found.iter().map(|(_, s)| s + 1).max().unwrap_or(1);
         let mut w = DedupWindow {
-            dir: dir.to_path_buf(),
-            runs,
+            files: RunFiles {
+                dir: dir.to_path_buf(),
+                runs,
+                next_run,
+            },
             mem: BTreeMap::new(),
             mem_keys: 0,
             mem_max_keys: MEM_MAX_KEYS,
             next_log: 1,
-            next_run,
+            writing: None,
             legacy: Legacy::open(db)?,
         };
         for kv in main.scan_prefix([keys::DEDUP_LOG]) {
             let (k, v) = kv?;
             let bad = || SpoolError::Corrupt(format!("dedup log entry {k:?} is malformed"));
-            if k.len() != 13 {
-                return Err(bad());
-            }
-            let day = u32::from_be_bytes(k[1..5].try_into().map_err(|_| bad())?);
-            let seq = u64::from_be_bytes(k[5..].try_into().map_err(|_| bad())?);
+            let (day, seq) = parse_log_key(&k).ok_or_else(bad)?;
             w.next_log = w.next_log.max(seq + 1);
             let keys = runs::keys_of(&v).ok_or_else(bad)?;
             w.remember(day, keys.into_iter().map(|k| (k, KeyHash::of(k))));
@@ -168,10 +205,11 @@ impl DedupWindow {
         tenant_id: &str,
         record_id: &str,
     ) -> Result<bool, SpoolError> {
-        if self.mem.values().any(|s| s.contains(key, h)) {
+        let frozen = self.writing.iter().flat_map(|w| w.frozen.values());
+        if self.mem.values().chain(frozen).any(|s| s.contains(key, h)) {
             return Ok(true);
         }
-        for run in self.runs.iter().rev() {
+        for run in self.files.runs.iter().rev() {
             if run.contains(key, h)? {
                 return Ok(true);
             }
@@ -220,107 +258,107 @@ impl DedupWindow {
         self.remember(day, keys);
     }
 
-    /// When memory holds [`MEM_MAX_KEYS`] keys, writes them out as runs ([`DedupWindow::write_runs`]).
-    /// Only once the log entries of every key in memory are durable: a run file is never ahead of the
-    /// blobs whose keys it holds.
+    /// Adopts a finished write of runs, and when memory holds [`MEM_MAX_KEYS`] keys, freezes them and
+    /// starts writing them out as runs on a thread of their own (waiting first for a write still
+    /// running). Only once the log entries of every key in memory are durable: a run file is never
+    /// ahead of the blobs whose keys it holds. An error leaves the keys in memory and in the log.
     pub fn write_runs_if_full(&mut self, main: &sled::Tree) -> Result<(), SpoolError> {
+        self.adopt_written(main, false)?;
         if self.mem_keys >= self.mem_max_keys {
-            self.write_runs(main)?;
+            self.adopt_written(main, true)?;
+            self.start_writing(main);
         }
         Ok(())
     }
 
-    /// Writes the keys in memory out as runs (durably), then deletes the log entries they came from, then
-    /// merges runs (see the module header). On an error, what was not written stays in memory and logged.
+    /// Writes every key in memory out as runs (durably), then deletes the log entries they came from,
+    /// then merges runs (see the module header); returns once done. On an error, what was not written
+    /// stays in memory and logged.
     pub fn write_runs(&mut self, main: &sled::Tree) -> Result<(), SpoolError> {
-        let days: Vec<u32> = self.mem.keys().copied().collect();
-        for day in days {
-            let Some(set) = self.mem.get(&day) else {
-                continue;
-            };
-            let run = Run::write(&self.dir, day, self.next_run, &set.sorted())?;
-            self.next_run += 1;
-            self.runs.push(run);
-            if let Some(set) = self.mem.remove(&day) {
-                self.mem_keys -= set.len();
+        self.adopt_written(main, true)?;
+        self.start_writing(main);
+        self.adopt_written(main, true)
+    }
+
+    /// Waits for a write of runs that is running, and adopts it (tests and benchmarks: a figure that
+    /// does not depend on timing).
+    pub fn wait_for_runs(&mut self, main: &sled::Tree) -> Result<(), SpoolError> {
+        self.adopt_written(main, true)
+    }
+
+    /// Freezes the keys in memory and writes them as runs on a new thread; on this one if no thread
+    /// can be started (the write is then adopted at once; its error is logged, the keys stay).
+    fn start_writing(&mut self, main: &sled::Tree) {
+        let frozen = Arc::new(std::mem::take(&mut self.mem));
+        let frozen_keys = std::mem::take(&mut self.mem_keys);
+        let log_below = self.next_log;
+        let (mut files, keys) = (self.files.clone(), frozen.clone());
+        let spawned = std::thread::Builder::new()
+            .name("dedup-runs".into())
+            .spawn(move || {
+                let result = files.write(&keys);
+                (files, result)
+            });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                log::debug!(target: "spool", "no thread for the dedup run write ({e}); writing here");
+                let mut files = self.files.clone();
+                let result = files.write(&frozen);
+                let written = (files, result);
+                if let Err(e) = self.adopt(written, &frozen, log_below, main) {
+                    log::warn!(target: "spool", "writing the dedup window's run files failed: {e}");
+                }
+                return;
             }
-            self.merge_day(day)?;
-        }
-        // A day that is over (a newer one has runs) is merged into a single run, once.
-        let newest = self.runs.iter().map(|r| r.day).max().unwrap_or(0);
-        let mut closed: Vec<u32> = self
-            .runs
-            .iter()
-            .map(|r| r.day)
-            .filter(|d| *d < newest)
-            .collect();
-        closed.sort_unstable();
-        closed.dedup();
-        for day in closed {
-            self.merge_all(day)?;
+        };
+        self.writing = Some(Writing {
+            frozen,
+            frozen_keys,
+            log_below,
+            thread,
+        });
+    }
+
+    /// Adopts the running write once it has finished (at once when `wait`, after waiting for it).
+    fn adopt_written(&mut self, main: &sled::Tree, wait: bool) -> Result<(), SpoolError> {
+        let Some(w) = self.writing.take_if(|w| wait || w.thread.is_finished()) else {
+            return Ok(());
+        };
+        let written = w.thread.join().unwrap_or_else(|_| {
+            let panicked = SpoolError::Corrupt("the dedup run writer panicked".into());
+            (self.files.clone(), Err(panicked))
+        });
+        self.adopt(written, &w.frozen, w.log_below, main)
+    }
+
+    /// Takes the run files a write left. If it wrote every frozen key, deletes the log entries below
+    /// `log_below`; if not, the frozen keys go back into memory (written again next time; their log
+    /// entries stay).
+    fn adopt(
+        &mut self,
+        (files, result): Written,
+        frozen: &BTreeMap<u32, MemKeys>,
+        log_below: u64,
+        main: &sled::Tree,
+    ) -> Result<(), SpoolError> {
+        self.files = files;
+        if let Err(e) = result {
+            for (day, set) in frozen {
+                let keys = set.sorted();
+                self.remember(*day, keys.into_iter().map(|k| (k, KeyHash::of(k))));
+            }
+            return Err(e);
         }
         let mut batch = sled::Batch::default();
         for k in main.scan_prefix([keys::DEDUP_LOG]).keys() {
-            batch.remove(k?);
+            let k = k?;
+            if parse_log_key(&k).is_some_and(|(_, seq)| seq < log_below) {
+                batch.remove(k);
+            }
         }
         main.apply_batch(batch)?;
         Ok(())
-    }
-
-    /// Merges every run of `day` into one (when it has more than one).
-    fn merge_all(&mut self, day: u32) -> Result<(), SpoolError> {
-        let of_day: Vec<&Run> = self.runs.iter().filter(|r| r.day == day).collect();
-        if of_day.len() < 2 {
-            return Ok(());
-        }
-        let merged = runs::merge(&self.dir, day, self.next_run, &of_day)?;
-        self.next_run += 1;
-        self.replace_runs(day, merged)
-    }
-
-    /// Puts `merged` (of `day`) in place of the day's other runs, then deletes their files.
-    fn replace_runs(&mut self, day: u32, merged: Run) -> Result<(), SpoolError> {
-        let (old, mut keep): (Vec<Run>, Vec<Run>) = std::mem::take(&mut self.runs)
-            .into_iter()
-            .partition(|r| r.day == day && r.seq < merged.seq);
-        let at = keep.partition_point(|r| (r.day, r.seq) < (day, merged.seq));
-        keep.insert(at, merged);
-        self.runs = keep;
-        for r in old {
-            r.remove()?;
-        }
-        Ok(())
-    }
-
-    /// Merges the two newest runs of `day` while the newer holds at least half as many keys as the older.
-    /// The merged run is durable before the two are deleted.
-    fn merge_day(&mut self, day: u32) -> Result<(), SpoolError> {
-        loop {
-            let of_day: Vec<usize> = (0..self.runs.len())
-                .filter(|i| self.runs[*i].day == day)
-                .collect();
-            let [.., a, b] = of_day[..] else {
-                return Ok(());
-            };
-            if self.runs[b].keys * 2 < self.runs[a].keys {
-                return Ok(());
-            }
-            let merged = runs::merge(
-                &self.dir,
-                day,
-                self.next_run,
-                &[&self.runs[a], &self.runs[b]],
-            )?;
-            self.next_run += 1;
-            let newer = self.runs.remove(b);
-            let older = self.runs.remove(a);
-            let at = self
-                .runs
-                .partition_point(|r| (r.day, r.seq) < (day, merged.seq));
-            self.runs.insert(at, merged);
-            newer.remove()?;
-            older.remove()?;
-        }
     }
 
     /// Inserts `keys` as inserted on `day` outside any blob (bulk loading: benches and tools), durable
@@ -344,11 +382,12 @@ impl DedupWindow {
         oldest_kept: u32,
         main: &sled::Tree,
     ) -> Result<usize, SpoolError> {
+        self.adopt_written(main, true)?;
         let mut days: HashSet<u32> = HashSet::new();
-        let (old, keep): (Vec<Run>, Vec<Run>) = std::mem::take(&mut self.runs)
+        let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.files.runs)
             .into_iter()
             .partition(|r| r.day < oldest_kept);
-        self.runs = keep;
+        self.files.runs = keep;
         for r in old {
             days.insert(r.day);
             r.remove()?;
@@ -392,11 +431,14 @@ impl DedupWindow {
 
     /// The days held (any format), oldest first, each once.
     pub fn days(&self) -> Vec<u32> {
+        let frozen = self.writing.iter().flat_map(|w| w.frozen.keys().copied());
         let mut d: Vec<u32> = self
+            .files
             .runs
             .iter()
             .map(|r| r.day)
             .chain(self.mem.keys().copied())
+            .chain(frozen)
             .chain(self.legacy.v2.keys().copied())
             .chain(self.legacy.v1.keys().copied())
             .collect();
@@ -407,11 +449,113 @@ impl DedupWindow {
 
     /// What the window holds, for benchmarks and tests.
     pub fn figures(&self) -> WindowFigures {
+        let runs = &self.files.runs;
         WindowFigures {
             keys_in_memory: self.mem_keys,
-            runs: self.runs.len(),
-            keys_in_runs: self.runs.iter().map(|r| r.keys).sum(),
-            run_memory_bytes: self.runs.iter().map(Run::memory).sum(),
+            keys_being_written: self.writing.as_ref().map_or(0, |w| w.frozen_keys),
+            runs: runs.len(),
+            keys_in_runs: runs.iter().map(|r| r.keys).sum(),
+            run_memory_bytes: runs.iter().map(|r| r.memory()).sum(),
+        }
+    }
+}
+
+impl Drop for DedupWindow {
+    /// Waits for a running write, so that no file of the window changes once it is dropped (a reopen
+    /// in the same process must not race it). Its keys' log entries stay: the next open reads them.
+    fn drop(&mut self) {
+        if let Some(w) = self.writing.take() {
+            if w.thread.join().is_err() {
+                log::warn!(target: "spool", "the dedup run writer panicked");
+            }
+        }
+    }
+}
+
+impl RunFiles {
+    /// Writes the `frozen` keys out as runs, one per day (durably), then merges runs (see the module
+    /// header). On an error the runs list what is on disk so far.
+    fn write(&mut self, frozen: &BTreeMap<u32, MemKeys>) -> Result<(), SpoolError> {
+        for (day, set) in frozen {
+            let run = Run::write(&self.dir, *day, self.next_run, &set.sorted())?;
+            self.next_run += 1;
+            self.runs.push(Arc::new(run));
+            self.merge_day(*day)?;
+        }
+        // A day that is over (a newer one has runs) is merged into a single run, once.
+        let newest = self.runs.iter().map(|r| r.day).max().unwrap_or(0);
+        let mut closed: Vec<u32> = self
+            .runs
+            .iter()
+            .map(|r| r.day)
+            .filter(|d| *d < newest)
+            .collect();
+        closed.sort_unstable();
+        closed.dedup();
+        for day in closed {
+            self.merge_all(day)?;
+        }
+        Ok(())
+    }
+
+    /// Merges every run of `day` into one (when it has more than one).
+    fn merge_all(&mut self, day: u32) -> Result<(), SpoolError> {
+        let of_day: Vec<&Run> = self
+            .runs
+            .iter()
+            .filter(|r| r.day == day)
+            .map(|r| &**r)
+            .collect();
+        if of_day.len() < 2 {
+            return Ok(());
+        }
+        let merged = runs::merge(&self.dir, day, self.next_run, &of_day)?;
+        self.next_run += 1;
+        self.replace_runs(day, merged)
+    }
+
+    /// Puts `merged` (of `day`) in place of the day's other runs, then deletes their files.
+    fn replace_runs(&mut self, day: u32, merged: Run) -> Result<(), SpoolError> {
+        let (old, mut keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.runs)
+            .into_iter()
+            .partition(|r| r.day == day && r.seq < merged.seq);
+        let at = keep.partition_point(|r| (r.day, r.seq) < (day, merged.seq));
+        keep.insert(at, Arc::new(merged));
+        self.runs = keep;
+        for r in old {
+            r.remove()?;
+        }
+        Ok(())
+    }
+
+    /// Merges the two newest runs of `day` while the newer holds at least half as many keys as the older.
+    /// The merged run is durable before the two are deleted.
+    fn merge_day(&mut self, day: u32) -> Result<(), SpoolError> {
+        loop {
+            let of_day: Vec<usize> = (0..self.runs.len())
+                .filter(|i| self.runs[*i].day == day)
+                .collect();
+            let [.., a, b] = of_day[..] else {
+                return Ok(());
+            };
+            if self.runs[b].keys * 2 < self.runs[a].keys {
+                return Ok(());
+            }
+            let merged = runs::merge(
+                &self.dir,
+                day,
+                self.next_run,
+                &[&self.runs[a], &self.runs[b]],
+            )?;
+            self.next_run += 1;
+            let newer = self.runs.remove(b);
+            let older = self.runs.remove(a);
+            let at = self
+                .runs
+                .partition_point(|r| (r.day, r.seq) < (day, merged.seq));
+            self.runs.insert(at, Arc::new(merged));
+            newer.remove()?;
+            older.remove()?;
         }
     }
 }
@@ -419,8 +563,10 @@ impl DedupWindow {
 /// What a [`DedupWindow`] holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowFigures {
-    /// Keys logged and held in memory, not yet in a run file.
+    /// Keys logged and held in memory, not yet in a run file nor being written to one.
     pub keys_in_memory: usize,
+    /// Keys frozen in memory while a thread writes them to run files.
+    pub keys_being_written: usize,
     /// Run files.
     pub runs: usize,
     /// Keys in run files (a key can be in two runs after a crash between a merge and its deletions).
@@ -502,7 +648,7 @@ mod tests {
                 k.sort_unstable();
                 k
             };
-            Run::write(&w.dir, 20_000, w.next_run, &day_keys).expect("run");
+            Run::write(&w.files.dir, 20_000, w.files.next_run, &day_keys).expect("run");
             db.flush().expect("flush");
         }
         let (_, main, mut w) = open(dir.path());
@@ -522,6 +668,43 @@ mod tests {
             assert!(w.contains(k, "t", "").expect("contains"));
         }
         assert!(!w.contains(&key(100), "t", "").expect("contains"));
+    }
+
+    /// A run write that fails (here: the run directory is gone, a file in its place) hands its keys back
+    /// to memory with their log entries kept; they are still found, and the next write succeeds.
+    #[test]
+    fn a_failed_run_write_keeps_its_keys_in_memory_and_in_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_db, main, mut w) = open(dir.path());
+        w.mem_max_keys = 10;
+        let runs_dir = dir.path().join("dedup");
+        std::fs::remove_dir(&runs_dir).expect("rmdir");
+        std::fs::write(&runs_dir, b"not a directory").expect("file");
+        let keys: Vec<Vec<u8>> = (0..25).map(key).collect();
+        w.insert(20_000, &keys, &main)
+            .expect("insert starts the write");
+        let err = w.wait_for_runs(&main).expect_err("the write failed");
+        assert!(err.to_string().contains("dedup"), "{err}");
+        let f = w.figures();
+        assert_eq!((f.keys_in_memory, f.keys_being_written, f.runs), (25, 0, 0));
+        assert_eq!(main.scan_prefix([keys::DEDUP_LOG]).count(), 1, "log kept");
+        for k in &keys {
+            assert!(w.contains(k, "t", "").expect("contains"));
+        }
+        std::fs::remove_file(&runs_dir).expect("rm");
+        std::fs::create_dir(&runs_dir).expect("mkdir");
+        w.write_runs(&main).expect("written now");
+        let f = w.figures();
+        assert_eq!((f.keys_in_memory, f.runs, f.keys_in_runs), (0, 1, 25));
+        assert_eq!(
+            main.scan_prefix([keys::DEDUP_LOG]).count(),
+            0,
+            "log deleted"
+        );
+        for k in &keys {
+            assert!(w.contains(k, "t", "").expect("contains"));
+        }
+        assert!(!w.contains(&key(25), "t", "").expect("contains"));
     }
 
     #[test]

@@ -367,8 +367,8 @@ impl Run {
         })
     }
 
-    /// Deletes its file.
-    pub(crate) fn remove(self) -> Result<(), SpoolError> {
+    /// Deletes its file. Lookups through this `Run` still work (they read its open file).
+    pub(crate) fn remove(&self) -> Result<(), SpoolError> {
         std::fs::remove_file(&self.path).map_err(io_err(&self.path))
     }
 
