@@ -55,7 +55,9 @@ pub struct Baselines {
     pub json_value_mb_per_s: f64,
 }
 
-fn append_sync(path: &Path, recs: &[SampleRecord], per: usize) -> anyhow::Result<f64> {
+/// Appends `recs` as NDJSON to a new file at `path` with an `fdatasync` per `per` records, then deletes
+/// it; returns records/s.
+pub fn append_sync(path: &Path, recs: &[SampleRecord], per: usize) -> anyhow::Result<f64> {
     let mut f = std::fs::File::create(path)?;
     let t = Instant::now();
     let mut buf = Vec::with_capacity(per * 1600);

@@ -83,6 +83,51 @@ fn drain(spool: &Spool) -> anyhow::Result<(f64, usize, usize, usize)> {
     Ok((per_sec(n, t.elapsed().as_secs_f64()), n, wire, raw))
 }
 
+/// The lone writer measured `rounds` times into a fresh spool, each round next to its baseline (append +
+/// `fdatasync` per `per_blob` of the same records; the baseline first in even rounds, second in odd
+/// ones), so that the disk's drift between the two figures of a round is small and neither always follows
+/// the other; returns (baseline, spool) records/s per round.
+fn paired_lone_writer(
+    dir: &std::path::Path,
+    recs: &[SampleRecord],
+    per_blob: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut out = Vec::with_capacity(rounds);
+    let baseline = || baselines::append_sync(&dir.join("paired.log"), recs, per_blob);
+    for round in 0..rounds {
+        let first = if round % 2 == 0 {
+            Some(baseline()?)
+        } else {
+            None
+        };
+        let path = dir.join(format!("paired-{per_blob}-{round}"));
+        let spool = Spool::open(&path, options())?;
+        let rate = commit_all(&spool, recs, per_blob, "p")?;
+        drop(spool);
+        std::fs::remove_dir_all(&path)?;
+        let base = match first {
+            Some(b) => b,
+            None => baseline()?,
+        };
+        out.push((base, rate));
+    }
+    Ok(out)
+}
+
+/// Prints each round's ratio of a paired measurement, then the median and the lowest.
+fn print_paired(what: &str, rounds: &[(f64, f64)]) {
+    let mut ratios: Vec<f64> = rounds.iter().map(|(b, r)| r / b.max(1e-9)).collect();
+    let each: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
+    let lowest = ratios.first().copied().unwrap_or(0.0);
+    println!(
+        "  {what:<44} median {median:>5.2} x, lowest {lowest:.2} x  (rounds: {})  goal >= 0.50",
+        each.join(" / ")
+    );
+}
+
 /// Prints the zstd bytes on the wire per record of a drain and the ratio to the NDJSON.
 fn print_wire(what: &str, wire: usize, records: usize, raw: usize) {
     println!(
@@ -217,6 +262,15 @@ fn main() -> anyhow::Result<()> {
     let (_, n, wire, body) = drain(&spool)?;
     print_wire("on the wire, blobs of 100 and 10 records", wire, n, body);
     drop(spool);
+
+    let rounds: usize = env_or("ROUNDS", 5);
+    println!(
+        "lone writer, each round next to its baseline (ROUNDS={rounds}; a fresh spool each round)"
+    );
+    let p1000 = paired_lone_writer(dir.path(), &recs, 1_000, rounds)?;
+    print_paired("commit_blob, 1,000 records per blob", &p1000);
+    let p100 = paired_lone_writer(dir.path(), &recs[..recs.len().min(20_000)], 100, rounds)?;
+    print_paired("commit_blob, 100 records per blob", &p100);
 
     Ok(())
 }
