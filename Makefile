@@ -55,7 +55,8 @@ include image/image.mk
 
 ## Benchmarks print figures; no test asserts a time (docs/BENCHMARKS.md). spool-bench measures the
 ## physical-limit baselines (plain-file append + fdatasync, sled, codecs, JSON) on the same disk (BENCH_DIR,
-## default target/bench-tmp) and prints every spool figure as a ratio to them; dedup-bench loads a dedup
+## default target/bench-tmp) and prints every spool figure as a ratio to them, the lone writer also paired
+## with its baseline round by round (ROUNDS, default 5); dedup-bench loads a dedup
 ## window of 10 million record Ids (DEDUP_IDS=n); the criterion microbenchmarks time each stage briefly
 ## (BENCH_SECS each). The end-to-end runs start the release binaries (simulator, sensor, receiver): the
 ## multi-tenant run with 5, then TENANTS (default 200) tenants; the drain run collects a backlog of
