@@ -634,6 +634,24 @@ mod tests {
         }
     }
 
+    /// After a complete run write: no log entry is left, every key of `keys` is found, `absent` is not.
+    fn assert_log_deleted_and_found(
+        w: &DedupWindow,
+        main: &sled::Tree,
+        keys: &[Vec<u8>],
+        absent: &[u8],
+    ) {
+        assert_eq!(
+            main.scan_prefix([keys::DEDUP_LOG]).count(),
+            0,
+            "log deleted"
+        );
+        for k in keys {
+            assert!(w.contains(k, "t", "").expect("contains"));
+        }
+        assert!(!w.contains(absent, "t", "").expect("contains"));
+    }
+
     #[test]
     fn a_crash_between_the_run_and_the_log_deletion_loses_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -659,15 +677,7 @@ mod tests {
         );
         assert_eq!(w.figures().runs, 1, "and the run is there");
         w.write_runs(&main).expect("write runs");
-        assert_eq!(
-            main.scan_prefix([keys::DEDUP_LOG]).count(),
-            0,
-            "log deleted"
-        );
-        for k in &keys {
-            assert!(w.contains(k, "t", "").expect("contains"));
-        }
-        assert!(!w.contains(&key(100), "t", "").expect("contains"));
+        assert_log_deleted_and_found(&w, &main, &keys, &key(100));
     }
 
     /// A run write that fails (here: the run directory is gone, a file in its place) hands its keys back
@@ -696,15 +706,7 @@ mod tests {
         w.write_runs(&main).expect("written now");
         let f = w.figures();
         assert_eq!((f.keys_in_memory, f.runs, f.keys_in_runs), (0, 1, 25));
-        assert_eq!(
-            main.scan_prefix([keys::DEDUP_LOG]).count(),
-            0,
-            "log deleted"
-        );
-        for k in &keys {
-            assert!(w.contains(k, "t", "").expect("contains"));
-        }
-        assert!(!w.contains(&key(25), "t", "").expect("contains"));
+        assert_log_deleted_and_found(&w, &main, &keys, &key(25));
     }
 
     #[test]

@@ -120,7 +120,12 @@ fn print_paired(what: &str, rounds: &[(f64, f64)]) {
     let mut ratios: Vec<f64> = rounds.iter().map(|(b, r)| r / b.max(1e-9)).collect();
     let each: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
     ratios.sort_by(f64::total_cmp);
-    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
+    let mid = ratios.len() / 2;
+    let median = match ratios.len() {
+        0 => 0.0,
+        n if n % 2 == 0 => (ratios[mid - 1] + ratios[mid]) / 2.0,
+        _ => ratios[mid],
+    };
     let lowest = ratios.first().copied().unwrap_or(0.0);
     println!(
         "  {what:<44} median {median:>5.2} x, lowest {lowest:.2} x  (rounds: {})  goal >= 0.50",
