@@ -505,17 +505,43 @@ impl ApiClient {
     }
 }
 
-/// Parses one page of a content listing (`subscriptions/content`): a JSON array of [`ContentItem`]s.
-/// A body that is not one is a [`ApiError::BadResponse`] carrying serde's message and the first 200
-/// bytes of the body.
+/// Parses one page of a content listing (`subscriptions/content`): a JSON array of [`ContentItem`]s,
+/// each a JSON object. A body that is not one is a [`ApiError::BadResponse`] carrying serde's message
+/// and the first 200 bytes of the body. An item written as an array (which serde's derive would read
+/// positionally, `["type","id","uri"]`) is refused: Microsoft never sends one, and guessing which
+/// field a position means could fetch the wrong URI.
 pub fn parse_listing(body: &[u8]) -> Result<Vec<ContentItem>, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadResponse {
-        what: "subscriptions/content",
-        text: format!(
-            "{e}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        ),
-    })
+    serde_json::from_slice::<Vec<ObjectOnly<ContentItem>>>(body)
+        .map(|items| items.into_iter().map(|ObjectOnly(item)| item).collect())
+        .map_err(|e| ApiError::BadResponse {
+            what: "subscriptions/content",
+            text: format!(
+                "{e}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ),
+        })
+}
+
+/// A `T` read only from a JSON object (a map), never from an array.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MapVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for MapVisitor<T> {
+            type Value = ObjectOnly<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(ObjectOnly)
+            }
+        }
+        deserializer.deserialize_map(MapVisitor(std::marker::PhantomData))
+    }
 }
 
 /// `scheme://host[:port]` of a URL.
@@ -527,6 +553,25 @@ fn origin_of(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listing_item_is_an_object_never_an_array() {
+        let items = parse_listing(
+            br#"[{"contentType":"Audit.General","contentId":"a$b","contentUri":"https://x/a"}]"#,
+        )
+        .expect("an object item");
+        assert_eq!(items[0].content_id, "a$b");
+        assert_eq!(items[0].content_uri, "https://x/a");
+        // The fuzzer's find: serde's derive reads a struct from an array by position.
+        let err = parse_listing(br#"[["T","ko555","cten"]]"#).expect_err("an array item");
+        match err {
+            ApiError::BadResponse { what, text } => {
+                assert_eq!(what, "subscriptions/content");
+                assert!(text.contains("expected a JSON object"), "{text}");
+            }
+            other => panic!("not a BadResponse: {other:?}"),
+        }
+    }
 
     #[test]
     fn af429_is_throttling_whatever_the_status() {
