@@ -393,7 +393,7 @@ impl Spool {
         }
         let figures_json = json(&figures);
         let new_keys: Vec<&[u8]> = new_ids.iter().map(|(k, _)| *k).collect();
-        let (log_key, log_value) = inner.seen.log_entry(today, &new_keys);
+        let log_entries = inner.seen.log_entries(today, &new_keys);
         // The frames are durable in their segment before the batch that references them.
         let locs = inner.segments.append(&frames)?;
         // One tree: a batch is as atomic as a transaction (also across a crash: sled seals it) and cheaper.
@@ -418,8 +418,8 @@ impl Spool {
             &next_chunk.to_be_bytes()[..],
         );
         batch.insert(keys::meta_key(keys::meta::FIGURES), figures_json);
-        if !new_ids.is_empty() {
-            batch.insert(&log_key[..], log_value);
+        for (k, v) in log_entries {
+            batch.insert(&k[..], v);
         }
         let g = self.g();
         g.main.apply_batch(batch)?;

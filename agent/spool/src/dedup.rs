@@ -33,6 +33,12 @@ use crate::{io_err, keys, SpoolError};
 /// Keys held in memory before they are written out as runs (~5 MiB for GUID keys).
 pub const MEM_MAX_KEYS: usize = 65_536;
 
+/// The most bytes of keys one dedup log entry holds (~200 GUID keys; a blob's keys take as many entries
+/// as they need). Every value the spool gives sled stays far below sled's blob threshold (a page over a
+/// quarter of its 512 KiB segment goes to a file of its own, which sled never syncs and whose loss its
+/// recovery skips: `tests/sled_crash_prefix.rs`); a leaf of 17 entries this size is ~70 KiB.
+pub const LOG_ENTRY_MAX_BYTES: usize = 4096;
+
 /// The dedup window of a spool. Not synchronised: the spool holds it under its lock.
 pub struct DedupWindow {
     files: RunFiles,
@@ -230,17 +236,34 @@ impl DedupWindow {
         Ok(false)
     }
 
-    /// The log entry (key, value) that records `keys` as inserted on `day`: the caller writes it in the
-    /// batch that spools their records, then calls [`DedupWindow::logged`].
-    pub fn log_entry<K: AsRef<[u8]>>(&self, day: u32, keys: &[K]) -> ([u8; 13], Vec<u8>) {
-        let mut v = Vec::with_capacity(keys.iter().map(|k| k.as_ref().len() + 1).sum());
+    /// The log entries (key, value) that record `keys` as inserted on `day`, each holding at most
+    /// [`LOG_ENTRY_MAX_BYTES`] of keys (a longer key alone): the caller writes them all in the batch
+    /// that spools their records, then calls [`DedupWindow::logged`]. Their numbers are taken here:
+    /// entries never written leave a gap in the numbering, which nothing minds.
+    pub fn log_entries<K: AsRef<[u8]>>(
+        &mut self,
+        day: u32,
+        keys: &[K],
+    ) -> Vec<([u8; 13], Vec<u8>)> {
+        let mut entries = Vec::new();
+        let mut v = Vec::new();
         for k in keys {
-            runs::put_key(&mut v, k.as_ref());
+            let k = k.as_ref();
+            // A key is written as its LEB128 length (at most 10 bytes) and its bytes.
+            if !v.is_empty() && v.len() + 10 + k.len() > LOG_ENTRY_MAX_BYTES {
+                entries.push((log_key(day, self.next_log), std::mem::take(&mut v)));
+                self.next_log += 1;
+            }
+            runs::put_key(&mut v, k);
         }
-        (log_key(day, self.next_log), v)
+        if !v.is_empty() {
+            entries.push((log_key(day, self.next_log), v));
+            self.next_log += 1;
+        }
+        entries
     }
 
-    /// After the batch holding [`DedupWindow::log_entry`] committed: the keys count as seen.
+    /// After the batch holding [`DedupWindow::log_entries`] committed: the keys count as seen.
     pub fn logged<K: AsRef<[u8]>>(&mut self, day: u32, keys: &[K]) {
         self.logged_hashed(
             day,
@@ -254,7 +277,6 @@ impl DedupWindow {
         day: u32,
         keys: impl Iterator<Item = (&'k [u8], KeyHash)>,
     ) {
-        self.next_log += 1;
         self.remember(day, keys);
     }
 
@@ -369,8 +391,11 @@ impl DedupWindow {
         keys: &[Vec<u8>],
         main: &sled::Tree,
     ) -> Result<(), SpoolError> {
-        let (k, v) = self.log_entry(day, keys);
-        main.insert(k, v)?;
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.log_entries(day, keys) {
+            batch.insert(&k[..], v);
+        }
+        main.apply_batch(batch)?;
         self.logged(day, keys);
         self.write_runs_if_full(main)
     }

@@ -34,7 +34,56 @@ pub(crate) struct Gen {
     /// Its main tree.
     pub main: sled::Tree,
     /// sled's data file, opened for `fdatasync`.
-    pub sync_file: File,
+    sync_file: File,
+    /// The files in sled's `blobs/` known to be durable (see [`Gen::make_durable`]).
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+}
+
+impl Gen {
+    /// The durability point of this generation: sled's flush (which only issues `sync_file_range`,
+    /// see `shared/design/crate-notes.md`), then an `fsync` of every file in sled's `blobs/` not synced
+    /// before and of that directory, then a real `fdatasync` of sled's data file. sled writes a page over
+    /// a quarter of its segment to a blob file it never syncs, and its recovery skips a log entry whose
+    /// blob file is missing; the spool's values are kept far too small for that
+    /// ([`crate::dedup::LOG_ENTRY_MAX_BYTES`]), so the blob files synced here are those of spools
+    /// written before that (their large values, copied by a reclaim, too).
+    pub(crate) fn make_durable(&self) -> Result<(), SpoolError> {
+        self.db.flush()?;
+        self.sync_blob_files()?;
+        let data = self.path.join("db");
+        self.sync_file.sync_data().map_err(io_err(&data))
+    }
+
+    fn sync_blob_files(&self) -> Result<(), SpoolError> {
+        let dir = self.path.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut synced = crate::locked(&self.synced_blobs);
+        let mut new = false;
+        for entry in entries {
+            let entry = entry.map_err(io_err(&dir))?;
+            let name = entry.file_name();
+            if synced.contains(&name) {
+                continue;
+            }
+            let path = entry.path();
+            match File::open(&path) {
+                Ok(f) => f.sync_all().map_err(io_err(&path))?,
+                // sled removed it meanwhile (a value it no longer needs).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+            synced.insert(name);
+            new = true;
+        }
+        if new {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    }
 }
 
 /// The sled directory of generation `n`.
@@ -103,6 +152,7 @@ pub(crate) fn open(dir: &Path, n: u64, cache_bytes: u64) -> Result<Gen, SpoolErr
         db,
         main,
         sync_file,
+        synced_blobs: Default::default(),
     })
 }
 
@@ -180,10 +230,7 @@ pub(crate) fn copy_all(from: &Gen, to: &Gen) -> Result<u64, SpoolError> {
         dst.apply_batch(batch)?;
         keys += n;
     }
-    to.db.flush()?;
-    to.sync_file
-        .sync_data()
-        .map_err(io_err(&to.path.join("db")))?;
+    to.make_durable()?;
     sync_dir(&to.path)?;
     Ok(keys)
 }

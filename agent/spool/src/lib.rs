@@ -16,6 +16,13 @@
 //!   crash or a power cut. Batch numbers never decrease and are never reused.
 //! - A segment file is deleted only after the removal of every chunk in it is durable (see
 //!   `remove_unreferenced_segments`).
+//! - Every sled write is made durable before the spool's lock is let go, acknowledgements included
+//!   (`Gen::make_durable`, which also syncs sled's blob files), except the dedup window's deletion of
+//!   log entries, which rides with the next commit's: sled may overwrite a log segment whose pages it
+//!   has only flushed elsewhere, so unsynced writes piling up could break what a sync made durable. And
+//!   no sled value exceeds a few KiB (dedup log entries and quarantine items are cut into parts), so
+//!   sled never writes a blob file, which it would neither sync nor miss at recovery
+//!   (`tests/sled_crash_prefix.rs`).
 //! - Records are deleted only by [`Spool::ack_batch`] (the backend stored them) or moved to quarantine by
 //!   [`Spool::quarantine_batch`]; nothing is ever dropped to make room. When the spool's disk use
 //!   ([`Spool::used_bytes`]) reaches `max_bytes` while records are pending, [`Spool::is_full`] is true
@@ -37,11 +44,13 @@
 //!   'B' seq:u64be              -> BatchDesc (JSON): the half-open record range [start, end) it covers
 //!   'D' source 0x00 content_id -> done-mark: expires_unix:i64be kind:u8 (0 spooled, 1 expired, 2 quarantined)
 //!   'K' source                 -> Cursor (JSON)
-//!   'Q' seq:u64be              -> QuarantineItem (JSON)
+//!   'Q' seq:u64be part:u32be   -> QuarantineItem (JSON), cut into parts of 4 KiB (older spools: 'Q' seq
+//!                                 -> the whole JSON); no sled value exceeds a few KiB (dedup.rs)
 //!   'M' name                   -> next_chunk, next_batch, next_quarantine (u64be), batch_pos (u64be u32be),
 //!                                 figures (JSON)
-//!   'L' day:u32be seq:u64be    -> dedup log: the keys::seen_key_v2 keys a blob added (LEB128 length + bytes
-//!                                 each), until they are in a run file (dedup.rs)
+//!   'L' day:u32be seq:u64be    -> dedup log: keys::seen_key_v2 keys a commit added (LEB128 length + bytes
+//!                                 each; at most 4 KiB of them per entry, a commit writes as many entries
+//!                                 as it needs), until they are in a run file (dedup.rs)
 //! <dir>/segments/<n>.seg: the chunks' zstd frames, append-only; deleted whole once every chunk in them
 //!   is gone (segments.rs)
 //! <dir>/dedup/<day>-<seq>.run: sorted dedup keys of one UTC day, outside sled (runs.rs); whole days are
@@ -211,7 +220,7 @@ pub struct BatchLimits {
 }
 
 /// An item held in quarantine.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineItem {
     /// Why.
     pub reason: String,
@@ -379,6 +388,22 @@ fn pos_bytes(p: Pos) -> [u8; 12] {
     b
 }
 
+/// The most bytes of one part of a quarantine item (why sled values stay small:
+/// [`dedup::LOG_ENTRY_MAX_BYTES`]).
+const QUARANTINE_PART_BYTES: usize = 4096;
+
+/// Puts quarantine item `seq` into `batch`, its JSON cut into parts of [`QUARANTINE_PART_BYTES`]
+/// (`'Q' seq part`). Returns the JSON's length.
+fn insert_quarantine(batch: &mut sled::Batch, seq: u64, item: &QuarantineItem) -> u64 {
+    let v = json(item);
+    for (part, bytes) in v.chunks(QUARANTINE_PART_BYTES).enumerate() {
+        let mut k = keys::seq_key(keys::QUARANTINE, seq).to_vec();
+        k.extend_from_slice(&(part as u32).to_be_bytes());
+        batch.insert(k, bytes);
+    }
+    v.len() as u64
+}
+
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
@@ -472,7 +497,7 @@ impl Spool {
         locked(&self.gen).clone()
     }
 
-    /// The durability point: sled's flush, then a real fdatasync of its data file.
+    /// The durability point: [`gen::Gen::make_durable`] of the generation in use.
     fn make_durable(&self, what: &str) -> Result<(), SpoolError> {
         #[cfg(test)]
         if self
@@ -484,11 +509,7 @@ impl Spool {
                 source: std::io::Error::other("injected fdatasync failure"),
             });
         }
-        let g = self.g();
-        g.db.flush()?;
-        g.sync_file
-            .sync_data()
-            .map_err(io_err(&g.path.join("db")))?;
+        self.g().make_durable()?;
         log::trace!(target: "durability", "durable: {what}");
         Ok(())
     }
@@ -584,10 +605,8 @@ impl Spool {
         let mut figures = inner.figures.clone();
         let mut next_q = inner.next_quarantine;
         if let Some(item) = &quarantine {
-            let v = json(item);
             figures.quarantined_items += 1;
-            figures.quarantined_bytes += v.len() as u64;
-            batch.insert(keys::seq_key(keys::QUARANTINE, next_q).to_vec(), v);
+            figures.quarantined_bytes += insert_quarantine(&mut batch, next_q, item);
             next_q += 1;
             batch.insert(
                 keys::meta_key(keys::meta::NEXT_QUARANTINE),
@@ -607,6 +626,7 @@ impl Spool {
         let _inner = self.lock();
         let limit = now_unix() - 86_400;
         let mut removed = 0;
+        let mut batch = sled::Batch::default();
         for kv in self.g().main.scan_prefix([keys::DONE]) {
             let (k, v) = kv?;
             let expires = v
@@ -615,9 +635,13 @@ impl Spool {
                 .map(i64::from_be_bytes)
                 .unwrap_or(0);
             if expires < limit {
-                self.g().main.remove(k)?;
+                batch.remove(k);
                 removed += 1;
             }
+        }
+        if removed > 0 {
+            self.g().main.apply_batch(batch)?;
+            self.make_durable("expired done-marks pruned")?;
         }
         Ok(removed)
     }
@@ -627,7 +651,9 @@ impl Spool {
     pub fn expire_seen(&self) -> Result<(), SpoolError> {
         let mut inner = self.lock();
         let oldest_kept = day_of(now_unix()).saturating_sub(self.opts.dedup_days);
-        inner.seen.expire_before(oldest_kept, &self.g().main)?;
+        if inner.seen.expire_before(oldest_kept, &self.g().main)? > 0 {
+            self.make_durable("expired days of the dedup window dropped")?;
+        }
         Ok(())
     }
 
@@ -980,9 +1006,11 @@ impl Spool {
         batch.insert(keys::meta_key(keys::meta::FIGURES), json(&figures));
         self.g().main.apply_batch(batch)?;
         inner.figures = figures;
-        // A lost deletion only causes a resend, answered 409: sled's flush suffices here (and a segment
-        // file is deleted only after the deletion is durable).
-        self.g().db.flush()?;
+        // A lost deletion would only cause a resend, answered 409; it is made durable anyway: sled
+        // reuses a log segment once the pages in it are rewritten elsewhere and merely flushed, so a
+        // power loss after many unsynced flushes can break what the last sync made durable
+        // (tests/sled_crash_prefix.rs). One fdatasync per acknowledged batch of up to 5,000 records.
+        self.make_durable(&format!("ack batch {seq}"))?;
         if let Err(e) = self.remove_unreferenced_segments(&mut inner) {
             log::warn!(target: "spool", "deleting the segment files of acknowledged records failed: {e}");
         }
@@ -1101,18 +1129,13 @@ impl Spool {
             records: desc.records,
             payload: String::from_utf8_lossy(&lines).into_owned(),
         };
-        let v = json(&item);
         let mut figures = inner.figures.clone();
         figures.pending_records = figures.pending_records.saturating_sub(desc.records);
         figures.pending_raw_bytes = figures.pending_raw_bytes.saturating_sub(desc.raw_bytes);
         figures.quarantined_items += 1;
-        figures.quarantined_bytes += v.len() as u64;
         let mut batch = sled::Batch::default();
         batch.remove(keys::seq_key(keys::BATCH, seq).to_vec());
-        batch.insert(
-            keys::seq_key(keys::QUARANTINE, inner.next_quarantine).to_vec(),
-            v,
-        );
+        figures.quarantined_bytes += insert_quarantine(&mut batch, inner.next_quarantine, &item);
         batch.insert(
             keys::meta_key(keys::meta::NEXT_QUARANTINE),
             (inner.next_quarantine + 1).to_be_bytes().to_vec(),
@@ -1131,13 +1154,38 @@ impl Spool {
 
     /// The quarantined items.
     pub fn quarantine(&self) -> Result<Vec<QuarantineItem>, SpoolError> {
+        let parse = |seq: u64, bytes: &[u8]| {
+            serde_json::from_slice(bytes)
+                .map_err(|e| SpoolError::Corrupt(format!("quarantine item {seq}: {e}")))
+        };
         let mut out = Vec::new();
+        // The item whose parts are being gathered (keys sort by item, then part).
+        let mut parts: Option<(u64, Vec<u8>)> = None;
         for kv in self.g().main.scan_prefix([keys::QUARANTINE]) {
-            let (_, v) = kv?;
-            out.push(
-                serde_json::from_slice(&v)
-                    .map_err(|e| SpoolError::Corrupt(format!("quarantine: {e}")))?,
-            );
+            let (k, v) = kv?;
+            let seq = keys::seq_of(&k)
+                .ok_or_else(|| SpoolError::Corrupt(format!("quarantine key {k:?} is malformed")))?;
+            if parts.as_ref().is_some_and(|(s, _)| *s != seq) {
+                if let Some((s, bytes)) = parts.take() {
+                    out.push(parse(s, &bytes)?);
+                }
+            }
+            match k.len() {
+                // Whole, as spools before parts wrote it.
+                9 => out.push(parse(seq, &v)?),
+                13 => parts
+                    .get_or_insert_with(|| (seq, Vec::new()))
+                    .1
+                    .extend_from_slice(&v),
+                _ => {
+                    return Err(SpoolError::Corrupt(format!(
+                        "quarantine key {k:?} is malformed"
+                    )))
+                }
+            }
+        }
+        if let Some((s, bytes)) = parts {
+            out.push(parse(s, &bytes)?);
         }
         Ok(out)
     }

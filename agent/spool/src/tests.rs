@@ -956,3 +956,84 @@ fn a_damaged_segment_is_reported_with_its_file() {
         "{err}"
     );
 }
+
+/// Files sled keeps beside its log (`blobs/`) under `dir`, at any depth.
+fn sled_blob_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let path = e.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.parent().is_some_and(|p| p.ends_with("blobs")) {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// sled writes a page larger than a quarter of its segment to a file of its own, which it never syncs
+/// and whose loss its recovery skips (tests/sled_crash_prefix.rs): the spool's values stay small enough
+/// that it never does, for large blobs and large quarantine items alike, and the items read back whole.
+#[test]
+fn no_value_the_spool_writes_makes_sled_write_a_blob_file() {
+    let d = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(d.path(), opts()).expect("open");
+    for b in 0..8u32 {
+        let bytes: Vec<(String, Vec<u8>)> = (0..5_000u32)
+            .map(|i| {
+                let id = format!("{b:08x}-1111-2222-3333-{i:012x}");
+                let json = format!(r#"{{"Id":"{id}","CreationTime":"2026-11-25T10:00:00"}}"#);
+                (id, json.into_bytes())
+            })
+            .collect();
+        assert_eq!(
+            commit_records(&spool, &format!("blob-{b}"), &bytes).spooled,
+            5_000
+        );
+    }
+    let payload: String = (0..1_000_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let item = QuarantineItem {
+        reason: "unreadable".into(),
+        origin: "t/Audit.General big".into(),
+        at: 1,
+        records: 0,
+        payload: payload.clone(),
+    };
+    spool
+        .mark_done(
+            TENANT,
+            "Audit.General",
+            "big",
+            now_unix() + 86_400,
+            DoneKind::Quarantined,
+            Some(item.clone()),
+        )
+        .expect("quarantine a blob");
+    let limits = BatchLimits {
+        max_records: 10_000,
+        max_raw_bytes: 64 << 20,
+        linger: std::time::Duration::ZERO,
+    };
+    let desc = spool
+        .cut_batch(&limits, true)
+        .expect("cut")
+        .expect("a batch");
+    spool
+        .quarantine_batch(desc.seq, "refused")
+        .expect("quarantine a batch");
+    spool.close().expect("close");
+    assert_eq!(sled_blob_files(d.path()), Vec::<std::path::PathBuf>::new());
+    let q = spool.quarantine().expect("quarantine");
+    assert_eq!(q.len(), 2);
+    assert_eq!(q[0], item);
+    assert_eq!(q[1].records, desc.records);
+    assert!(
+        q[1].payload.len() as u64 >= desc.raw_bytes,
+        "the batch's NDJSON, whole"
+    );
+}
