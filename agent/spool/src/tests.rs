@@ -1037,3 +1037,43 @@ fn no_value_the_spool_writes_makes_sled_write_a_blob_file() {
         "the batch's NDJSON, whole"
     );
 }
+
+/// A quarantine item of a spool from before parts (the whole JSON under `'Q' seq`) still reads, next to
+/// the items written in parts after it.
+#[test]
+fn quarantine_items_written_whole_by_older_spools_still_read() {
+    let d = tempfile::tempdir().expect("dir");
+    let item = |origin: &str, payload: String| QuarantineItem {
+        reason: "unreadable".into(),
+        origin: origin.into(),
+        at: 1,
+        records: 0,
+        payload,
+    };
+    let old = item("old", "x".repeat(10_000));
+    {
+        let spool = Spool::open(d.path(), opts()).expect("open");
+        let main = &spool.g().main;
+        main.insert(keys::seq_key(keys::QUARANTINE, 0), json(&old))
+            .expect("legacy item");
+        main.insert(
+            keys::meta_key(keys::meta::NEXT_QUARANTINE),
+            &1u64.to_be_bytes()[..],
+        )
+        .expect("next number");
+        spool.close().expect("close");
+    }
+    let spool = reopen(d.path());
+    let new = item("new", "y".repeat(10_000));
+    spool
+        .mark_done(
+            TENANT,
+            "Audit.General",
+            "b",
+            now_unix() + 86_400,
+            DoneKind::Quarantined,
+            Some(new.clone()),
+        )
+        .expect("quarantine");
+    assert_eq!(spool.quarantine().expect("read"), vec![old, new]);
+}
