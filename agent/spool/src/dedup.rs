@@ -33,8 +33,8 @@ use crate::{io_err, keys, SpoolError};
 /// Keys held in memory before they are written out as runs (~5 MiB for GUID keys).
 pub const MEM_MAX_KEYS: usize = 65_536;
 
-/// The most bytes of keys one dedup log entry holds (~200 GUID keys; a blob's keys take as many entries
-/// as they need). Every value the spool gives sled stays far below sled's blob threshold (a page over a
+/// The most bytes of keys one dedup log entry holds (119 GUID keys of 33 bytes; a blob's keys take as
+/// many entries as they need: 84 for 10,000). Every value the spool gives sled stays far below sled's blob threshold (a page over a
 /// quarter of its 512 KiB segment goes to a file of its own, which sled never syncs and whose loss its
 /// recovery skips: `tests/sled_crash_prefix.rs`); a leaf of 17 entries this size is ~70 KiB.
 pub const LOG_ENTRY_MAX_BYTES: usize = 4096;
@@ -246,12 +246,13 @@ impl DedupWindow {
         keys: &[K],
     ) -> Vec<([u8; 13], Vec<u8>)> {
         let mut entries = Vec::new();
-        let mut v = Vec::new();
+        let mut v = Vec::with_capacity(LOG_ENTRY_MAX_BYTES);
         for k in keys {
             let k = k.as_ref();
             // A key is written as its LEB128 length (at most 10 bytes) and its bytes.
             if !v.is_empty() && v.len() + 10 + k.len() > LOG_ENTRY_MAX_BYTES {
-                entries.push((log_key(day, self.next_log), std::mem::take(&mut v)));
+                let full = std::mem::replace(&mut v, Vec::with_capacity(LOG_ENTRY_MAX_BYTES));
+                entries.push((log_key(day, self.next_log), full));
                 self.next_log += 1;
             }
             runs::put_key(&mut v, k);
