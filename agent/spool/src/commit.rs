@@ -6,10 +6,10 @@
 //!   ([`BuiltChunks`]), so that concurrent collectors use every core; a commit building alone
 //!   compresses a blob of several chunks on up to 4 threads, so that a lone collector does too.
 //! - It then queues itself and takes the lock. Whoever holds the lock takes every queued commit as one
-//!   group: the group's frames go to the segment in one append and one `fdatasync`, its chunk
-//!   references, done-marks, cursors and dedup log entry into ONE atomic sled batch, followed by one
-//!   durability point. A queued commit finds its outcome when it gets the lock, so a commit still
-//!   returns only once its own records are durable.
+//!   group: its chunk references, done-marks, cursors and dedup log entries become ONE atomic sled
+//!   batch, written with the group's frames as one WAL record (`wal.rs`) in one append and one
+//!   `fdatasync`, then applied to sled. A queued commit finds its outcome when it gets the lock, so a
+//!   commit still returns only once its own records are durable.
 //! - Chunk numbers are given in queue order under the lock, so chunk and segment numbers still grow
 //!   together (the segment GC's rule).
 //! - A commit whose Ids another commit logged since its check is checked again: the Ids that commit
@@ -26,9 +26,10 @@ use sensor_core::envelope::Envelope;
 
 use crate::keys::BlobKeys;
 use crate::runs::KeyHash;
+use crate::wal::{self, Ops, WalPos};
 use crate::{
-    chunk, day_of, done_value, json, keys, locked, now_ms, now_unix, BlobCommit, CommitOutcome,
-    Cursor, DoneKind, Inner, Spool, SpoolError,
+    chunk, day_of, done_value, json, keys, locked, now_ms, now_unix, segments, BlobCommit,
+    CommitOutcome, Cursor, DoneKind, Inner, Spool, SpoolError,
 };
 
 /// A blob's new records as chunks (envelope lines, zstd frames), not yet numbered nor stored.
@@ -355,6 +356,11 @@ impl Spool {
         if group.is_empty() {
             return Ok(Vec::new());
         }
+        if let Some(why) = &inner.wal_broken {
+            return Err(SpoolError::Corrupt(format!(
+                "commits are refused until the spool is opened again: {why}"
+            )));
+        }
         let today = day_of(now_unix());
         let mut figures = inner.figures.clone();
         let mut next_chunk = inner.next_chunk;
@@ -394,38 +400,60 @@ impl Spool {
         let figures_json = json(&figures);
         let new_keys: Vec<&[u8]> = new_ids.iter().map(|(k, _)| *k).collect();
         let log_entries = inner.seen.log_entries(today, &new_keys);
-        // The frames are durable in their segment before the batch that references them.
-        let locs = inner.segments.append(&frames)?;
-        // One tree: a batch is as atomic as a transaction (also across a crash: sled seals it) and cheaper.
-        let mut batch = sled::Batch::default();
-        for ((seq, h), loc) in numbered.iter().zip(headers).zip(locs) {
-            batch.insert(
-                &keys::seq_key(keys::CHUNK, *seq)[..],
-                chunk::encode_ref(h, loc),
+        let seq = inner.wal_seq + 1;
+        // ONE sled batch for the group (as atomic as a transaction, also across a crash: sled seals it),
+        // written first into the group's WAL record with the frames (`wal.rs`).
+        let mut batch = None;
+        let ops = |at: WalPos, locs: &[segments::Loc]| {
+            let mut ops = Ops::default();
+            for ((seq, h), loc) in numbered.iter().zip(&headers).zip(locs) {
+                ops.insert(
+                    &keys::seq_key(keys::CHUNK, *seq),
+                    &chunk::encode_ref(h, *loc),
+                );
+            }
+            for (source, c) in &cursors {
+                ops.insert(&keys::cursor_key(source), &json(c));
+            }
+            for q in group {
+                ops.insert(
+                    &keys::done_key(&q.source, &q.content_id),
+                    &done_value(q.expires_unix, DoneKind::Spooled),
+                );
+            }
+            ops.insert(
+                &keys::meta_key(keys::meta::NEXT_CHUNK),
+                &next_chunk.to_be_bytes(),
             );
-        }
-        for (source, c) in &cursors {
-            batch.insert(keys::cursor_key(source), json(c));
-        }
-        for q in group {
-            batch.insert(
-                keys::done_key(&q.source, &q.content_id),
-                &done_value(q.expires_unix, DoneKind::Spooled)[..],
-            );
-        }
-        batch.insert(
-            keys::meta_key(keys::meta::NEXT_CHUNK),
-            &next_chunk.to_be_bytes()[..],
-        );
-        batch.insert(keys::meta_key(keys::meta::FIGURES), figures_json);
-        for (k, v) in log_entries {
-            batch.insert(&k[..], v);
-        }
+            ops.insert(&keys::meta_key(keys::meta::FIGURES), &figures_json);
+            for (k, v) in &log_entries {
+                ops.insert(k, v);
+            }
+            ops.insert(&wal::marker_key(), &at.encode());
+            let (b, bytes) = ops.into_parts();
+            batch = Some(b);
+            bytes
+        };
         let g = self.g();
+        let base = wal::base_of(&g.main)?;
+        let fail_sync = self.injected_sync_failure();
+        let appended = inner
+            .segments
+            .append_group((seq, base), &frames, ops, fail_sync);
+        inner.wal_seq = seq;
+        if let Err(e) = appended {
+            // The record may be whole on disk although its sync failed: never replay it.
+            self.skip_failed_group(inner);
+            return Err(e);
+        }
+        // The group is durable: each blob is named as durable (durability.rs reads these).
+        for q in group {
+            log::trace!(target: "durability", "durable: blob {} {}", q.source, q.content_id);
+        }
+        let batch = batch.ok_or_else(|| SpoolError::Corrupt("a group without its batch".into()))?;
         g.main.apply_batch(batch)?;
         // The batch is applied: the memory follows it before anything can fail, or the next
-        // commit would reuse its chunk numbers. A failed fdatasync returns an error below; the next
-        // successful one makes this batch durable too (sled flushes everything).
+        // commit would reuse its chunk numbers.
         inner.next_chunk = next_chunk;
         inner.figures = figures;
         inner.commits += 1;
@@ -435,11 +463,10 @@ impl Spool {
             }
             inner.seen.logged_hashed(today, new_ids.iter().copied());
         }
-        // One durability point for the group; each blob is named as durable (durability.rs reads these).
-        let blob = |q: &Queued| format!("blob {} {}", q.source, q.content_id);
-        self.make_durable(&blob(&group[0]))?;
-        for q in &group[1..] {
-            log::trace!(target: "durability", "durable: {}", blob(q));
+        inner.sled_unsynced += 1;
+        if inner.sled_unsynced >= wal::SLED_SYNC_EVERY {
+            inner.sled_unsynced = 0;
+            self.make_durable(&format!("sled, up to group {seq}"))?;
         }
         if let Err(e) = inner.seen.write_runs_if_full(&g.main) {
             // The keys stay in memory and in the log: nothing is lost, the next commit tries again.

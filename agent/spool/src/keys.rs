@@ -32,6 +32,8 @@ pub mod meta {
     pub const BATCH_POS: &[u8] = b"batch_pos";
     /// Spool figures (JSON `Figures`).
     pub const FIGURES: &[u8] = b"figures";
+    /// The WAL marker: where the newest group whose batch is in sled starts (`wal.rs`).
+    pub const WAL: &[u8] = b"wal";
 }
 
 /// `prefix` + u64 BE.

@@ -2,13 +2,17 @@
 //!
 //! # Durability contract
 //! - [`Spool::commit_blob`] appends a blob's new records (chunks of envelope lines, zstd frames) to a
-//!   segment file and `fdatasync`s it (`segments.rs`); then writes, in ONE atomic sled batch, a reference
-//!   to each chunk, the blob's done-mark, the record Ids it adds to the dedup window and the collector's
-//!   cursor; then calls `Db::flush()` and a real `fdatasync` of sled's data file (`flush()` alone only
-//!   issues `sync_file_range`: see `shared/design/crate-notes.md`). It returns only after all three. A
-//!   caller may treat the blob as done, and its cursor as advanced, only after `commit_blob` returned
-//!   `Ok`. Concurrent commits share these steps as one group (one append, one batch, one
-//!   durability point, `commit.rs`); each still returns only once its own group is durable.
+//!   segment file as ONE write-ahead record, together with the sled batch that references them: a
+//!   reference to each chunk, the blob's done-mark, the record Ids it adds to the dedup window, the
+//!   collector's cursor and the WAL marker (`wal.rs`); it `fdatasync`s the segment, then applies the batch
+//!   to sled. It returns only after the `fdatasync`. A caller may treat the blob as done, and its cursor
+//!   as advanced, only after `commit_blob` returned `Ok`. sled itself is made durable (`Db::flush()` and a
+//!   real `fdatasync` of its data file: `flush()` alone only issues `sync_file_range`, see
+//!   `shared/design/crate-notes.md`) at least every `wal::SLED_SYNC_EVERY` (4) commits and at every other
+//!   durability point; a crash in between is repaired at the next open, which applies the records sled
+//!   lost again, in order (a prefix of them: it stops at the first torn or damaged one). Concurrent
+//!   commits share one record (one append, one `fdatasync`, one batch, `commit.rs`); each still returns
+//!   only once its own group is durable.
 //! - [`Spool::cut_batch`] persists a batch descriptor (its sequence number, which is its Idempotency-Key,
 //!   and the exact record range it covers) and the next batch number, made durable the same way, before it
 //!   returns: a batch is sent only after that. The records of a batch are never changed or deleted while
@@ -16,10 +20,11 @@
 //!   crash or a power cut. Batch numbers never decrease and are never reused.
 //! - A segment file is deleted only after the removal of every chunk in it is durable (see
 //!   `remove_unreferenced_segments`).
-//! - Every sled write is made durable before the spool's lock is let go, acknowledgements included
-//!   (`Gen::make_durable`, which also syncs sled's blob files), except the dedup window's deletion of
-//!   log entries, which rides with the next commit's: sled may overwrite a log segment whose pages it
-//!   has only flushed elsewhere, so unsynced writes piling up could break what a sync made durable. And
+//! - Every sled write other than a commit's (which its WAL record covers) is made durable before the
+//!   spool's lock is let go, acknowledgements included (`Gen::make_durable`, which also syncs sled's blob
+//!   files), except the dedup window's deletion of log entries, which rides with the next sync: sled may
+//!   overwrite a log segment whose pages it has only flushed elsewhere, so unsynced writes piling up
+//!   could break what a sync made durable (hence a sync every few commits too). And
 //!   no sled value exceeds a few KiB (dedup log entries and quarantine items are cut into parts), so
 //!   sled never writes a blob file, which it would neither sync nor miss at recovery
 //!   (`tests/sled_crash_prefix.rs`).
@@ -47,12 +52,15 @@
 //!   'Q' seq:u64be part:u32be   -> QuarantineItem (JSON), cut into parts of 4 KiB (older spools: 'Q' seq
 //!                                 -> the whole JSON); no sled value exceeds a few KiB (dedup.rs)
 //!   'M' name                   -> next_chunk, next_batch, next_quarantine (u64be), batch_pos (u64be u32be),
-//!                                 figures (JSON)
+//!                                 figures (JSON), wal (seq segment offset, u64be each: the WAL record of
+//!                                 the newest commit in sled; wal.rs)
 //!   'L' day:u32be seq:u64be    -> dedup log: keys::seen_key_v2 keys a commit added (LEB128 length + bytes
 //!                                 each; at most 4 KiB of them per entry, a commit writes as many entries
 //!                                 as it needs), until they are in a run file (dedup.rs)
-//! <dir>/segments/<n>.seg: the chunks' zstd frames, append-only; deleted whole once every chunk in them
-//!   is gone (segments.rs)
+//! <dir>/segments/<n>.seg: WAL records, append-only: header (b"SWAL" seq:u64be frames_len:u64be
+//!   ops_len:u32be frames_crc32 ops_crc32 base_crc32 header_crc32), the chunks' zstd frames, the commit's sled batch as
+//!   operations (tag 1 insert / 2 remove, u32be-length-prefixed key and value); segments of older spools
+//!   hold bare frames. Deleted whole once every chunk in them is gone (segments.rs, wal.rs)
 //! <dir>/dedup/<day>-<seq>.run: sorted dedup keys of one UTC day, outside sled (runs.rs); whole days are
 //!   deleted after dedup_days
 //! tree "seen2-<day>" (format 2, older versions): keys::seen_key_v2(tenant_id, record_id) -> () ; read
@@ -74,6 +82,7 @@ mod keys;
 mod memkeys;
 mod runs;
 mod segments;
+mod wal;
 
 pub use dedup::{DedupWindow, WindowFigures};
 pub use keys::{seen2_tree_name, seen_key, seen_key_v2, seen_tree_name};
@@ -304,9 +313,12 @@ pub struct Spool {
     build_threads: usize,
     /// Commits building their chunks right now (`commit.rs`).
     building: std::sync::atomic::AtomicUsize,
-    /// Tests: the next durability point fails once, as an fdatasync error would.
+    /// Tests: the next this many durability points fail, as fdatasync errors would.
     #[cfg(test)]
-    fail_next_sync: std::sync::atomic::AtomicBool,
+    fail_syncs: std::sync::atomic::AtomicU32,
+    /// Tests: the groups the WAL replayed at open.
+    #[cfg(test)]
+    replayed_at_open: u64,
 }
 
 struct Inner {
@@ -323,6 +335,13 @@ struct Inner {
     /// Blobs committed since open: a commit whose Ids were checked against the window before another
     /// commit logged its own checks them again.
     commits: u64,
+    /// The sequence number of the newest WAL record written or given up (`wal.rs`).
+    wal_seq: u64,
+    /// Groups applied to sled since the commit path last made it durable.
+    sled_unsynced: u32,
+    /// Why commits are refused until the next open: a failed append whose record could not be marked
+    /// as never to be replayed.
+    wal_broken: Option<String>,
 }
 
 /// A mutex's guard, also after another thread panicked holding it: the spool's one way to take its locks.
@@ -424,6 +443,13 @@ impl Spool {
         let n = gen::current(dir)?;
         gen::remove_others(dir, n)?;
         let g = gen::open(dir, n, opts.cache_bytes)?;
+        let segments_dir = dir.join(SEGMENTS_DIR);
+        // Before anything reads sled: the groups whose batches sled lost in a crash are applied again.
+        let replayed = wal::replay(&g.main, &segments_dir)?;
+        if replayed.groups > 0 {
+            g.make_durable()?;
+            log::info!(target: "spool", "{} committed groups replayed from the segments", replayed.groups);
+        }
         let main = g.main.clone();
         let meta = |name: &[u8]| main.get(keys::meta_key(name));
         let next_chunk = u64_value(meta(keys::meta::NEXT_CHUNK)?)?.unwrap_or(0);
@@ -452,7 +478,6 @@ impl Spool {
         };
         let seen = DedupWindow::open(&g.db, &g.main, &dir.join(DEDUP_DIR))?;
         let oldest_unbatched = (figures.unbatched_records > 0).then(Instant::now);
-        let segments_dir = dir.join(SEGMENTS_DIR);
         let newest_referenced = match g.main.scan_prefix([keys::CHUNK]).next_back() {
             Some(kv) => chunk::segment_of(&kv?.1)?,
             None => None,
@@ -466,7 +491,9 @@ impl Spool {
             max_bytes: std::sync::atomic::AtomicU64::new(opts.max_bytes),
             opts,
             #[cfg(test)]
-            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+            fail_syncs: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            replayed_at_open: replayed.groups,
             queue: Mutex::new(Vec::new()),
             build_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             building: std::sync::atomic::AtomicUsize::new(0),
@@ -481,8 +508,12 @@ impl Spool {
                 oldest_unbatched,
                 reclaim_floor: 0,
                 commits: 0,
+                wal_seq: replayed.last_seq,
+                sled_unsynced: 0,
+                wal_broken: None,
             }),
         };
+        spool.resume_wal_at_next_segment(&spool.lock())?;
         spool.expire_seen()?;
         spool.remove_unreferenced_segments(&mut spool.lock())?;
         Ok(spool)
@@ -499,11 +530,7 @@ impl Spool {
 
     /// The durability point: [`gen::Gen::make_durable`] of the generation in use.
     fn make_durable(&self, what: &str) -> Result<(), SpoolError> {
-        #[cfg(test)]
-        if self
-            .fail_next_sync
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.injected_sync_failure() {
             return Err(SpoolError::Io {
                 path: self.dir.clone(),
                 source: std::io::Error::other("injected fdatasync failure"),
@@ -512,6 +539,41 @@ impl Spool {
         self.g().make_durable()?;
         log::trace!(target: "durability", "durable: {what}");
         Ok(())
+    }
+
+    /// Points the WAL marker at the start of the next new segment (after the newest record written or
+    /// given up), durably: what lies before it is never replayed (`wal.rs`).
+    fn resume_wal_at_next_segment(&self, inner: &Inner) -> Result<(), SpoolError> {
+        let at = wal::WalPos {
+            seq: inner.wal_seq,
+            segment: inner.segments.next_number(),
+            offset: 0,
+        };
+        self.g().main.insert(wal::marker_key(), &at.encode()[..])?;
+        self.make_durable("the WAL resumes at the next segment")
+    }
+
+    /// After a failed append: the group was not applied, and its record, which may be whole on disk,
+    /// must never be replayed. If that cannot be made durable, commits are refused until the next open
+    /// (whose replay may then apply the group: spooled, not lost; its collector fetches it again).
+    fn skip_failed_group(&self, inner: &mut Inner) {
+        if let Err(e) = self.resume_wal_at_next_segment(inner) {
+            log::error!(target: "spool", "a failed commit could not be fenced off: {e}");
+            inner.wal_broken = Some(e.to_string());
+        }
+    }
+
+    /// Tests: whether this durability point is to fail, as an fdatasync error would.
+    fn injected_sync_failure(&self) -> bool {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.fail_syncs
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        }
+        #[cfg(not(test))]
+        false
     }
 
     fn cursor_by_source(&self, source: &str) -> Result<Option<Cursor>, SpoolError> {

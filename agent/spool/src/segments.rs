@@ -1,11 +1,13 @@
 //! Segments: append-only files that hold the chunks' zstd frames outside sled
 //! (`<spool>/segments/<n>.seg`), so that sled holds only small values (chunk references, batches,
 //! metadata) and its memory, which follows the bytes it has written (spacejam/sled#1093), stays small
-//! under a multi-gigabyte backlog.
+//! under a multi-gigabyte backlog. They are also the commits' write-ahead log: a group of commits is one
+//! record (header, frames, the group's sled batch as operations: `wal.rs`).
 //!
 //! Invariants:
-//! - A frame is written, and its segment file `fdatasync`ed (with the directory, for a new file), before
-//!   the sled batch that references it: a durable reference never points at bytes that are not.
+//! - A group's record is written, and its segment file `fdatasync`ed (with the directory, for a new
+//!   file), before its sled batch is applied: a reference never points at bytes that are not durable,
+//!   and a batch sled lost is applied again from the record at the next open.
 //! - A segment is only appended to, by the one process that holds the spool's lock, and only in the run
 //!   that created it: every open starts a new segment, so a torn tail of a crashed run is never
 //!   extended, and bytes no reference points at (a commit that failed or crashed) are simply never read.
@@ -19,6 +21,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::wal::{self, WalPos};
 use crate::{io_err, SpoolError};
 
 /// A segment is closed, and the next frame starts a new file, once it holds this many bytes (tests use
@@ -91,69 +94,110 @@ impl Segments {
         })
     }
 
-    /// Appends `frames` in order and makes them durable (file, and the directory for a new file).
-    /// Returns where each one lives. A frame never spans two segments. After a failed write or sync the
-    /// segment is abandoned (its length in memory may no longer match the file's): the next append starts
-    /// a new one.
-    pub(crate) fn append(&mut self, frames: &[&[u8]]) -> Result<Vec<Loc>, SpoolError> {
-        let result = self.append_to_active(frames);
+    /// Appends one group as a WAL record (`wal.rs`) with sequence number `seq`, written against sled's
+    /// state `base`: its header, `frames` in order, then the operations `ops` builds from the record's
+    /// position and the frames' locations; then makes it durable (file,
+    /// and the directory for a new file). A group never spans two segments: one that is full is closed
+    /// first. After a failed write or sync the segment is abandoned (its length in memory may no longer
+    /// match the file's): the next append starts a new one. `fail_sync` (tests) fails the `fdatasync`
+    /// after everything was written, as a disk error would.
+    pub(crate) fn append_group(
+        &mut self,
+        (seq, base): (u64, u32),
+        frames: &[&[u8]],
+        ops: impl FnOnce(WalPos, &[Loc]) -> Vec<u8>,
+        fail_sync: bool,
+    ) -> Result<Vec<Loc>, SpoolError> {
+        let result = self.append_to_active((seq, base), frames, ops, fail_sync);
         if result.is_err() {
             self.active = None;
         }
         result
     }
 
-    fn append_to_active(&mut self, frames: &[&[u8]]) -> Result<Vec<Loc>, SpoolError> {
-        let mut locs = Vec::with_capacity(frames.len());
+    fn append_to_active(
+        &mut self,
+        (seq, base): (u64, u32),
+        frames: &[&[u8]],
+        ops: impl FnOnce(WalPos, &[Loc]) -> Vec<u8>,
+        fail_sync: bool,
+    ) -> Result<Vec<Loc>, SpoolError> {
+        if matches!(&self.active, Some((_, _, len)) if *len >= SEGMENT_BYTES) {
+            self.active = None;
+        }
         let mut new_file = false;
+        if self.active.is_none() {
+            let n = self.next;
+            let path = segment_path(&self.dir, n);
+            let file = File::options()
+                .create_new(true)
+                .append(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            self.next += 1;
+            self.on_disk.insert(n);
+            self.active = Some((n, file, 0));
+            new_file = true;
+        }
+        let Some((n, file, len)) = self.active.as_mut() else {
+            return Err(SpoolError::Corrupt("no segment to append to".into()));
+        };
+        let path = segment_path(&self.dir, *n);
+        let at = WalPos {
+            seq,
+            segment: *n,
+            offset: *len,
+        };
+        let mut locs = Vec::with_capacity(frames.len());
+        let mut offset = *len + wal::HEADER_LEN;
+        let mut frames_crc = crc32fast::Hasher::new();
         for frame in frames {
-            let full = matches!(&self.active, Some((_, _, len)) if *len >= SEGMENT_BYTES);
-            if full {
-                self.sync_active()?;
-                self.active = None;
-            }
-            if self.active.is_none() {
-                let n = self.next;
-                let path = segment_path(&self.dir, n);
-                let file = File::options()
-                    .create_new(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                self.next += 1;
-                self.on_disk.insert(n);
-                self.active = Some((n, file, 0));
-                new_file = true;
-            }
-            let Some((n, file, len)) = self.active.as_mut() else {
-                continue;
-            };
             let frame_len = u32::try_from(frame.len())
                 .map_err(|_| SpoolError::Corrupt(format!("a frame of {} bytes", frame.len())))?;
-            file.write_all(frame)
-                .map_err(io_err(&segment_path(&self.dir, *n)))?;
+            let mut h = crc32fast::Hasher::new();
+            h.update(frame);
+            let crc = h.clone().finalize();
+            frames_crc.combine(&h);
             locs.push(Loc {
                 segment: *n,
-                offset: *len,
+                offset,
                 len: frame_len,
-                crc: crc32fast::hash(frame),
+                crc,
             });
-            *len += u64::from(frame_len);
+            offset += u64::from(frame_len);
         }
-        self.sync_active()?;
+        let frames_len = offset - *len - wal::HEADER_LEN;
+        let ops = ops(at, &locs);
+        let header = wal::header(&wal::Header {
+            seq,
+            frames_len,
+            ops_len: u32::try_from(ops.len())
+                .map_err(|_| SpoolError::Corrupt(format!("a batch of {} bytes", ops.len())))?,
+            frames_crc: frames_crc.finalize(),
+            ops_crc: crc32fast::hash(&ops),
+            base,
+        });
+        file.write_all(&header).map_err(io_err(&path))?;
+        for frame in frames {
+            file.write_all(frame).map_err(io_err(&path))?;
+        }
+        file.write_all(&ops).map_err(io_err(&path))?;
+        *len = offset + ops.len() as u64;
+        if fail_sync {
+            return Err(io_err(&path)(std::io::Error::other(
+                "injected fdatasync failure",
+            )));
+        }
+        file.sync_data().map_err(io_err(&path))?;
         if new_file {
             crate::gen::sync_dir(&self.dir)?;
         }
         Ok(locs)
     }
 
-    fn sync_active(&self) -> Result<(), SpoolError> {
-        match &self.active {
-            Some((n, file, _)) => file
-                .sync_data()
-                .map_err(io_err(&segment_path(&self.dir, *n))),
-            None => Ok(()),
-        }
+    /// The number the next new segment gets (where the WAL resumes after an open or a failed append).
+    pub(crate) fn next_number(&self) -> u64 {
+        self.next
     }
 
     /// How many segments [`Segments::remove_before`] would delete.
@@ -220,6 +264,13 @@ pub(crate) fn read(dir: &Path, loc: Loc) -> Result<Vec<u8>, SpoolError> {
 mod tests {
     use super::*;
 
+    impl Segments {
+        /// One group of `frames` with no operations.
+        fn append(&mut self, frames: &[&[u8]]) -> Result<Vec<Loc>, SpoolError> {
+            self.append_group((1, 0), frames, |_, _| Vec::new(), false)
+        }
+    }
+
     #[test]
     fn frames_read_back_and_a_flipped_byte_is_refused() {
         let d = tempfile::tempdir().expect("dir");
@@ -267,13 +318,17 @@ mod tests {
     }
 
     #[test]
-    fn a_full_segment_is_closed_and_the_next_frame_starts_a_new_one() {
+    fn a_full_segment_is_closed_and_the_next_group_starts_a_new_one() {
         let d = tempfile::tempdir().expect("dir");
         let mut s = Segments::open(d.path(), None).expect("open");
         let big = vec![7u8; SEGMENT_BYTES as usize];
-        let locs = s.append(&[&big, b"next"]).expect("append");
-        assert_eq!(locs[0].segment + 1, locs[1].segment);
-        assert_eq!(locs[1].offset, 0);
-        assert_eq!(read(d.path(), locs[1]).expect("read"), b"next");
+        // A group is never cut: both frames in one segment, past its nominal size.
+        let locs = s.append(&[&big, b"tail"]).expect("append");
+        assert_eq!(locs[0].segment, locs[1].segment);
+        let next = s.append(&[b"next"]).expect("append");
+        assert_eq!(locs[0].segment + 1, next[0].segment);
+        assert_eq!(next[0].offset, wal::HEADER_LEN);
+        assert_eq!(read(d.path(), next[0]).expect("read"), b"next");
+        assert_eq!(read(d.path(), locs[1]).expect("read"), b"tail");
     }
 }

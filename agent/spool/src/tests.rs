@@ -174,9 +174,9 @@ fn concurrent_commits_of_the_same_ids_spool_each_once() {
 fn queued_commits_are_written_as_one_group_and_share_its_outcome() {
     // While the test holds the spool's lock, three commits queue up in a known order: g1 (Ids 0..100),
     // g2 (50..150, overlapping g1) and g3 (200..300). Whoever gets the lock next writes g1 and g3 as one
-    // group, whose durability point fails: both get the error. g2 waits for the next round, finds Ids
-    // 50..100 in the window (the failed group's batch was applied and becomes durable with the
-    // next sync) and spools 100..150 only.
+    // group, whose segment sync fails: both get the error and neither is applied. g2 waits for the next
+    // round, finds none of g1's Ids in the window and spools all of 50..150. After a reopen the failed
+    // group, whole on disk, is not replayed (its collectors fetch g1 and g3 again).
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = Spool::open(dir.path(), opts()).expect("open");
     let blob = |ids: std::ops::Range<u32>| -> Vec<(String, Vec<u8>)> {
@@ -198,8 +198,8 @@ fn queued_commits_are_written_as_one_group_and_share_its_outcome() {
             })
             .collect();
         spool
-            .fail_next_sync
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+            .fail_syncs
+            .store(1, std::sync::atomic::Ordering::SeqCst);
         drop(held);
         handles
             .into_iter()
@@ -211,20 +211,23 @@ fn queued_commits_are_written_as_one_group_and_share_its_outcome() {
     assert_eq!(
         results[1].as_ref().ok(),
         Some(&CommitOutcome {
-            spooled: 50,
-            duplicates: 50
+            spooled: 100,
+            duplicates: 0
         })
     );
     drop(spool);
     let spool = reopen(dir.path());
+    assert_eq!(spool.replayed_at_open, 0, "the failed group is fenced off");
     let mut delivered = drain_ids(&spool, 1000);
     delivered.sort();
-    let mut want: Vec<String> = (0..150)
-        .chain(200..300)
-        .map(|i| format!("id-{i}"))
-        .collect();
+    let mut want: Vec<String> = (50..150).map(|i| format!("id-{i}")).collect();
     want.sort();
     assert_eq!(delivered, want);
+    // The collectors fetch the failed blobs again: their records are new to the window.
+    assert_eq!(
+        commit(&spool, "g1", &(0..100).collect::<Vec<_>>()).spooled,
+        50
+    );
 }
 
 #[test]
@@ -785,16 +788,18 @@ fn the_cap_counts_disk_use_and_a_drain_gives_the_room_back() {
     );
 }
 
-/// A durability point that fails after its change was applied (an fdatasync error) must not make the
-/// next step reuse a chunk, batch or quarantine number: nothing committed is overwritten.
+/// A durability point that fails (an fdatasync error) must not make the next step reuse a chunk, batch or
+/// quarantine number: nothing committed is overwritten. A commit's (its segment's sync) is not applied
+/// and its record, whole on disk, is never replayed; any other step's was applied and is durable with
+/// the next sync.
 #[test]
 fn a_failed_fdatasync_never_lets_the_next_step_overwrite_what_was_applied() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = Spool::open(dir.path(), opts()).expect("open");
     let fail_next = || {
         spool
-            .fail_next_sync
-            .store(true, std::sync::atomic::Ordering::SeqCst)
+            .fail_syncs
+            .store(1, std::sync::atomic::Ordering::SeqCst)
     };
     fail_next();
     let bytes: Vec<(String, Vec<u8>)> = (0..3).map(|i| (format!("id-{i}"), record(i))).collect();
@@ -812,6 +817,19 @@ fn a_failed_fdatasync_never_lets_the_next_step_overwrite_what_was_applied() {
         cursor: None,
     });
     assert!(first.is_err(), "the injected failure is reported");
+    // A crash now: the failed record is whole in its segment, and fenced off in sled.
+    let image = tempfile::tempdir().expect("tempdir");
+    copy_tree(dir.path(), image.path());
+    {
+        let s = reopen(image.path());
+        assert_eq!(
+            (s.replayed_at_open, s.figures().pending_records),
+            (0, 0),
+            "the failed commit is never replayed"
+        );
+    }
+    // Not applied: the collector's retry spools the whole blob.
+    assert_eq!(commit(&spool, "b1", &[0, 1, 2]).spooled, 3);
     assert_eq!(commit(&spool, "b2", &[10, 11]).spooled, 2);
     fail_next();
     assert!(spool.cut_batch(&limits(2), true).is_err());
@@ -830,7 +848,7 @@ fn a_failed_fdatasync_never_lets_the_next_step_overwrite_what_was_applied() {
         .collect();
     assert_eq!(ids, want, "b1's records survived b2's commit");
     drop(spool);
-    // After a restart (sled flushes on close), everything is there once.
+    // After a restart, everything is there once: the failed record, whole on disk, is not replayed.
     let spool = reopen(dir.path());
     assert_eq!(spool.figures().pending_records, 5);
 }
@@ -946,8 +964,8 @@ fn a_damaged_segment_is_reported_with_its_file() {
     let seg = segment_files(dir.path())[0];
     let path = segments::segment_path(&dir.path().join(SEGMENTS_DIR), seg);
     let mut bytes = std::fs::read(&path).expect("read");
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x40;
+    // Inside the group's one frame (after the WAL record's header).
+    bytes[crate::wal::HEADER_LEN as usize + 20] ^= 0x40;
     std::fs::write(&path, bytes).expect("write");
     let d = cut(&spool, 100);
     let err = spool.read_batch_zstd(&d).expect_err("damaged");
@@ -1076,4 +1094,172 @@ fn quarantine_items_written_whole_by_older_spools_still_read() {
         )
         .expect("quarantine");
     assert_eq!(spool.quarantine().expect("read"), vec![old, new]);
+}
+
+/// A failed commit whose record cannot be fenced off either (a second fdatasync error) makes the spool
+/// refuse commits until it is opened again (no later record can then follow the failed one). Whether
+/// the fence became durable after all decides whether the open replays the group; either way the
+/// collector's retry of the blob leaves each record spooled once.
+#[test]
+fn a_commit_that_cannot_be_fenced_off_stops_commits_until_the_next_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    spool
+        .fail_syncs
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let bytes: Vec<(String, Vec<u8>)> = (0..3).map(|i| (format!("id-{i}"), record(i))).collect();
+    assert!(try_commit_records(&spool, "b1", &bytes).is_err());
+    let refused = try_commit_records(&spool, "b2", &bytes).expect_err("refused");
+    assert!(refused.to_string().contains("opened again"), "{refused}");
+    drop(spool);
+    let spool = reopen(dir.path());
+    let replayed = spool.figures().pending_records;
+    assert_eq!(replayed, 3 * spool.replayed_at_open);
+    assert_eq!(commit_records(&spool, "b1", &bytes).spooled, 3 - replayed);
+    assert_eq!(drain_ids(&spool, 100), ["id-0", "id-1", "id-2"]);
+}
+
+/// Copies the directory `from` to `to`, files as they are right now.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).expect("copy");
+        }
+    }
+}
+
+/// A crash after a commit's segment sync loses nothing: the groups whose batches sled had not made
+/// durable are replayed from their WAL records at the next open (records, figures, done-marks, cursors,
+/// dedup Ids); a torn or damaged record and every record after it are not, and their blobs, never
+/// acknowledged to a collector, are fetched and spooled again; nothing is replayed onto a state that
+/// moved on without the records (another version opened the spool). The crash images take sled's files
+/// as they were at its last sync (sled lost every write since) and the segments as they are.
+#[test]
+fn a_crash_after_the_segment_sync_is_replayed_from_the_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(dir.path(), opts()).expect("open");
+    let synced = tempfile::tempdir().expect("tempdir");
+    copy_tree(dir.path(), synced.path());
+    let c = Cursor {
+        listed_until: 777,
+        ..Cursor::default()
+    };
+    let bytes: Vec<(String, Vec<u8>)> = (0..40).map(|i| (format!("id-{i}"), record(i))).collect();
+    let recs: Vec<RawRecord<'_>> = bytes
+        .iter()
+        .map(|(id, b)| RawRecord { id, bytes: b })
+        .collect();
+    spool
+        .commit_blob(&BlobCommit {
+            tenant_id: TENANT,
+            content_type: "Audit.General",
+            content_id: "b0",
+            expires_unix: now_unix() + 86_400,
+            collected_at: "2026-11-25T10:00:00Z",
+            records: &recs,
+            cursor: Some(&c),
+        })
+        .expect("commit");
+    commit(&spool, "b1", &(40..80).collect::<Vec<_>>());
+    commit(&spool, "b2", &(80..120).collect::<Vec<_>>());
+    const {
+        assert!(
+            crate::wal::SLED_SYNC_EVERY > 3,
+            "no sync of sled since the open"
+        )
+    };
+    let want_figures = spool.figures();
+    let seg = *segment_files(dir.path()).last().expect("a segment");
+    let seg_rel = std::path::Path::new(SEGMENTS_DIR).join(format!("{seg}.seg"));
+    let images = tempfile::tempdir().expect("tempdir");
+    let image = |name: &str| {
+        let to = images.path().join(name);
+        copy_tree(synced.path(), &to);
+        copy_tree(&dir.path().join(SEGMENTS_DIR), &to.join(SEGMENTS_DIR));
+        to
+    };
+    let ids =
+        |range: std::ops::Range<u32>| -> Vec<String> { range.map(|i| format!("id-{i}")).collect() };
+
+    // Whole: every group comes back.
+    let whole = image("whole");
+    let s = reopen(&whole);
+    assert_eq!(s.replayed_at_open, 3);
+    assert_eq!(s.figures(), want_figures);
+    assert!(s.is_done(TENANT, "Audit.General", "b2").expect("done"));
+    assert_eq!(
+        s.cursor(TENANT, "Audit.General")
+            .expect("cursor")
+            .map(|c| c.listed_until),
+        Some(777)
+    );
+    assert_eq!(
+        commit(&s, "b1", &(40..80).collect::<Vec<_>>()).spooled,
+        0,
+        "the Ids are in the window again"
+    );
+    assert_eq!(drain_ids(&s, 1000), ids(0..120));
+    drop(s);
+    // Reopened after that: nothing is replayed twice.
+    let s = reopen(&whole);
+    assert_eq!((s.replayed_at_open, s.figures().pending_records), (0, 0));
+    drop(s);
+
+    // The last record torn: the groups before it come back, its blob is fetched again.
+    let torn = image("torn");
+    let path = torn.join(&seg_rel);
+    let len = std::fs::metadata(&path).expect("len").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(len - 3))
+        .expect("truncate");
+    let s = reopen(&torn);
+    assert_eq!(s.replayed_at_open, 2);
+    assert!(!s.is_done(TENANT, "Audit.General", "b2").expect("done"));
+    assert_eq!(commit(&s, "b2", &(80..120).collect::<Vec<_>>()).spooled, 40);
+    assert_eq!(drain_ids(&s, 1000), ids(0..120));
+    drop(s);
+
+    // The second record damaged (a byte of its frame): neither it nor the third is replayed.
+    let damaged = image("damaged");
+    let path = damaged.join(&seg_rel);
+    let mut b = std::fs::read(&path).expect("read");
+    let first_len = {
+        let frames: [u8; 8] = b[12..20].try_into().expect("frames length");
+        let ops: [u8; 4] = b[20..24].try_into().expect("ops length");
+        crate::wal::HEADER_LEN + u64::from_be_bytes(frames) + u64::from(u32::from_be_bytes(ops))
+    };
+    b[(first_len + crate::wal::HEADER_LEN) as usize + 5] ^= 1;
+    std::fs::write(&path, b).expect("write");
+    let s = reopen(&damaged);
+    assert_eq!((s.replayed_at_open, s.figures().pending_records), (1, 40));
+    for (blob, range) in [("b1", 40..80), ("b2", 80..120)] {
+        assert!(!s.is_done(TENANT, "Audit.General", blob).expect("done"));
+        assert_eq!(commit(&s, blob, &range.collect::<Vec<_>>()).spooled, 40);
+    }
+    assert_eq!(drain_ids(&s, 1000), ids(0..120));
+    drop(s);
+
+    // Another version, which does not replay, opened the image and moved on (here: a commit of its own
+    // took chunk numbers): nothing is replayed onto that.
+    let moved = image("moved-on");
+    {
+        let n = crate::gen::current(&moved).expect("generation");
+        let g = crate::gen::open(&moved, n, 4 << 20).expect("sled");
+        g.main
+            .insert(
+                keys::meta_key(keys::meta::NEXT_CHUNK),
+                &500u64.to_be_bytes()[..],
+            )
+            .expect("insert");
+        g.make_durable().expect("sync");
+    }
+    let s = reopen(&moved);
+    assert_eq!(s.replayed_at_open, 0);
 }

@@ -1,7 +1,8 @@
 //! The durability point, checked at the syscall level (a power cut cannot be staged here, so the order
-//! is proven instead): sled's writes to its data file are followed by a real `fdatasync` of that file
-//! before the agent treats a blob as committed (and moves on with its cursor) or sends a batch under its
-//! Idempotency-Key. The agent logs its durability markers at trace level; strace records them as writes
+//! is proven instead): a blob's writes to its segment (its group's WAL record: frames and sled batch)
+//! are followed by a real `fdatasync` of that file before the agent treats the blob as committed (and
+//! moves on with its cursor); sled's writes to its data file are followed by a real `fdatasync` of that
+//! file before the agent sends a batch under its Idempotency-Key. The agent logs its durability markers at trace level; strace records them as writes
 //! to stderr in the same timeline as the `pwrite64` and `fdatasync` calls.
 
 use std::collections::HashSet;
@@ -88,6 +89,7 @@ fn fdatasync_separates_writing_records_from_treating_them_as_committed() -> anyh
     let text = std::fs::read_to_string(&trace)?;
     let mut last_write = None;
     let mut last_sync = None;
+    let (mut last_seg_write, mut last_seg_sync) = (None, None);
     let mut durable: HashSet<String> = HashSet::new();
     let (mut markers, mut sends, mut commits) = (0, 0, 0);
     for (i, line) in text.lines().enumerate() {
@@ -97,21 +99,38 @@ fn fdatasync_separates_writing_records_from_treating_them_as_committed() -> anyh
         if on_db && (line.contains("pwrite64(") || line.contains("pwritev")) {
             last_write = Some(i);
         }
-        let completes_sync =
-            (line.contains("fdatasync(") && on_db && !line.contains("<unfinished"))
-                || line.contains("<... fdatasync resumed>");
-        if completes_sync && line.trim_end().ends_with("= 0") {
+        let on_segment = line.contains("/spool/segments/") && line.contains(".seg>");
+        if on_segment && line.contains("write(") {
+            last_seg_write = Some(i);
+        }
+        // strace -f splits a call another thread interrupted; the resumed half names no file, so a
+        // resumed fdatasync counts for both files (the spool's lock orders a commit's steps anyway).
+        let resumed = line.contains("<... fdatasync resumed>");
+        let synced = line.trim_end().ends_with("= 0");
+        let completes =
+            |on_file: bool| line.contains("fdatasync(") && on_file && !line.contains("<unfinished");
+        if synced && (completes(on_db) || resumed) {
             last_sync = Some(i);
+        }
+        if synced && (completes(on_segment) || resumed) {
+            last_seg_sync = Some(i);
         }
         if !line.contains("write(2<") {
             continue;
         }
         if let Some(what) = marker(line, "durability: durable: ") {
             markers += 1;
-            assert!(
-                last_sync.is_some() && last_sync >= last_write,
-                "line {i}: `{what}` declared durable, but the last write to the spool (line {last_write:?}) is not followed by an fdatasync (line {last_sync:?})"
-            );
+            if what.starts_with("blob ") {
+                assert!(
+                    last_seg_sync.is_some() && last_seg_sync >= last_seg_write,
+                    "line {i}: `{what}` declared durable, but the last write to a segment (line {last_seg_write:?}) is not followed by an fdatasync (line {last_seg_sync:?})"
+                );
+            } else {
+                assert!(
+                    last_sync.is_some() && last_sync >= last_write,
+                    "line {i}: `{what}` declared durable, but the last write to the spool (line {last_write:?}) is not followed by an fdatasync (line {last_sync:?})"
+                );
+            }
             durable.insert(what);
         } else if let Some(what) = marker(line, "durability: sending batch ") {
             sends += 1;
