@@ -2,12 +2,13 @@
 //! `m365_collector::blob::parse_blob`, the parser whose output is spooled byte for byte.
 //!
 //! Invariants: nothing panics; every record is a sub-slice of the blob (records are never rewritten),
-//! is a JSON object and carries the non-empty string `Id` reported for it, as the backend reads it; a
-//! blob holds no more records than its bytes allow; an error says which record failed.
+//! is a JSON object and carries the non-empty string `Id` (at most `MAX_ID_BYTES`) reported for it, as
+//! the backend reads it; a blob holds no more records than its bytes allow; an error says which record
+//! failed.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use m365_collector::blob::{parse_blob, BlobError};
+use m365_collector::blob::{parse_blob, BlobError, MAX_ID_BYTES};
 
 /// A record's `Id`, as the backend reads it.
 #[derive(serde::Deserialize)]
@@ -31,7 +32,7 @@ fuzz_target!(|body: &[u8]| {
                     "record {} is not a sub-slice of the blob",
                     r.id
                 );
-                assert!(!r.id.is_empty());
+                assert!(!r.id.is_empty() && r.id.len() <= MAX_ID_BYTES);
                 assert!(
                     r.raw.starts_with('{') && r.raw.ends_with('}'),
                     "{} is not an object",
@@ -52,6 +53,10 @@ fuzz_target!(|body: &[u8]| {
                 "record {index} of {} bytes",
                 body.len()
             );
+        }
+        Err(BlobError::IdTooLong { index, bytes }) => {
+            assert!(bytes > MAX_ID_BYTES && bytes <= body.len(), "{bytes} bytes");
+            assert!((index + 1) * 2 <= body.len(), "record {index}");
         }
         Err(BlobError::NotAnArray(why)) => assert!(!why.is_empty(), "a rejected blob must say why"),
     }

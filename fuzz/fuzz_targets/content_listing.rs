@@ -4,11 +4,12 @@
 //! `timefmt::rfc3339` it is logged with).
 //!
 //! Invariants: nothing panics; a body that does not parse is a `BadResponse` naming
-//! `subscriptions/content` with a non-empty text; a page holds no more items than its bytes allow.
+//! `subscriptions/content` with a non-empty text; a page holds no more items than its bytes allow, and
+//! no `contentId` longer than `MAX_CONTENT_ID_BYTES`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use m365_collector::api::{parse_listing, ApiError};
+use m365_collector::api::{parse_listing, ApiError, MAX_CONTENT_ID_BYTES};
 use time::macros::datetime;
 
 /// The shortest item: the two required fields, empty.
@@ -26,6 +27,7 @@ fuzz_target!(|body: &[u8]| {
             // A fixed clock keeps a crash reproducible.
             let now = datetime!(2026-06-01 12:00 UTC);
             for item in &items {
+                assert!(item.content_id.len() <= MAX_CONTENT_ID_BYTES);
                 // The collector logs the expiry of content it reports lost (past its expiry, or
                 // refused as expired by the API whatever the listing said).
                 let _ = sensor_core::timefmt::rfc3339(item.expires_at(now));

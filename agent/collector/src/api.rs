@@ -505,13 +505,18 @@ impl ApiClient {
     }
 }
 
+/// The longest `contentId` taken (Microsoft's are ~80 bytes): it becomes part of the blob's done-mark key
+/// in the spool, whose keys and values must stay a few KiB (sled writes larger pages to files it neither
+/// syncs nor misses at recovery).
+pub const MAX_CONTENT_ID_BYTES: usize = 1024;
+
 /// Parses one page of a content listing (`subscriptions/content`): a JSON array of [`ContentItem`]s,
-/// each a JSON object. A body that is not one is a [`ApiError::BadResponse`] carrying serde's message
+/// each a JSON object, whose `contentId` is at most [`MAX_CONTENT_ID_BYTES`] long. A body that is not one is a [`ApiError::BadResponse`] carrying serde's message
 /// and the first 200 bytes of the body. An item written as an array (which serde's derive would read
 /// positionally, `["type","id","uri"]`) is refused: Microsoft never sends one, and guessing which
 /// field a position means could fetch the wrong URI.
 pub fn parse_listing(body: &[u8]) -> Result<Vec<ContentItem>, ApiError> {
-    serde_json::from_slice::<Vec<ObjectOnly<ContentItem>>>(body)
+    let items: Vec<ContentItem> = serde_json::from_slice::<Vec<ObjectOnly<ContentItem>>>(body)
         .map(|items| items.into_iter().map(|ObjectOnly(item)| item).collect())
         .map_err(|e| ApiError::BadResponse {
             what: "subscriptions/content",
@@ -519,7 +524,22 @@ pub fn parse_listing(body: &[u8]) -> Result<Vec<ContentItem>, ApiError> {
                 "{e}: {}",
                 String::from_utf8_lossy(&body[..body.len().min(200)])
             ),
-        })
+        })?;
+    if let Some((index, item)) = items
+        .iter()
+        .enumerate()
+        .find(|(_, i)| i.content_id.len() > MAX_CONTENT_ID_BYTES)
+    {
+        return Err(ApiError::BadResponse {
+            what: "subscriptions/content",
+            text: format!(
+                "item {index} has a contentId of {} bytes (at most {MAX_CONTENT_ID_BYTES}): {}...",
+                item.content_id.len(),
+                &item.content_id.chars().take(80).collect::<String>()
+            ),
+        });
+    }
+    Ok(items)
 }
 
 /// A `T` read only from a JSON object (a map), never from an array.
@@ -568,6 +588,30 @@ mod tests {
             ApiError::BadResponse { what, text } => {
                 assert_eq!(what, "subscriptions/content");
                 assert!(text.contains("expected a JSON object"), "{text}");
+            }
+            other => panic!("not a BadResponse: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_content_id_longer_than_the_cap_is_refused_naming_its_item() {
+        let page = |id: &str| {
+            format!(
+                r#"[{{"contentId":"a","contentUri":"https://x/a"}},{{"contentId":"{id}","contentUri":"https://x/b"}}]"#
+            )
+        };
+        let longest = "c".repeat(MAX_CONTENT_ID_BYTES);
+        let items = parse_listing(page(&longest).as_bytes()).expect("at the cap");
+        assert_eq!(items[1].content_id, longest);
+        let err = parse_listing(page(&format!("{longest}c")).as_bytes()).expect_err("over the cap");
+        match err {
+            ApiError::BadResponse { what, text } => {
+                assert_eq!(what, "subscriptions/content");
+                assert!(
+                    text.starts_with("item 1 has a contentId of 1025 bytes"),
+                    "{text}"
+                );
+                assert!(text.len() < 200, "{text}");
             }
             other => panic!("not a BadResponse: {other:?}"),
         }

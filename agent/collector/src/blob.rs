@@ -4,6 +4,11 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+/// The longest record `Id` taken (Microsoft's are GUIDs, 36 bytes): the Id becomes part of a key in the
+/// spool's dedup window, whose values must stay a few KiB (sled writes larger ones to files it neither
+/// syncs nor misses at recovery).
+pub const MAX_ID_BYTES: usize = 1024;
+
 /// A record of a blob: its `Id` and its exact bytes.
 #[derive(Debug)]
 pub struct BlobRecord<'a> {
@@ -24,6 +29,14 @@ pub enum BlobError {
     MissingId {
         /// Its index.
         index: usize,
+    },
+    /// A record's `Id` is longer than [`MAX_ID_BYTES`].
+    #[error("record {index} of the blob has an Id of {bytes} bytes (at most {MAX_ID_BYTES})")]
+    IdTooLong {
+        /// Its index.
+        index: usize,
+        /// The Id's length.
+        bytes: usize,
     },
 }
 
@@ -51,6 +64,12 @@ pub fn parse_blob(body: &[u8]) -> Result<Vec<BlobRecord<'_>>, BlobError> {
         if id.is_empty() {
             return Err(BlobError::MissingId { index });
         }
+        if id.len() > MAX_ID_BYTES {
+            return Err(BlobError::IdTooLong {
+                index,
+                bytes: id.len(),
+            });
+        }
         out.push(BlobRecord {
             id: id.into_owned(),
             raw: text,
@@ -62,6 +81,25 @@ pub fn parse_blob(body: &[u8]) -> Result<Vec<BlobRecord<'_>>, BlobError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_longer_than_the_cap_is_refused_naming_its_record() {
+        let long = format!(
+            r#"[{{"Id":"a"}},{{"Id":"{}"}}]"#,
+            "x".repeat(MAX_ID_BYTES + 1)
+        );
+        let err = parse_blob(long.as_bytes()).expect_err("too long");
+        assert_eq!(
+            err,
+            BlobError::IdTooLong {
+                index: 1,
+                bytes: MAX_ID_BYTES + 1
+            }
+        );
+        assert!(err.to_string().contains("record 1"), "{err}");
+        let longest = format!(r#"[{{"Id":"{}"}}]"#, "x".repeat(MAX_ID_BYTES));
+        assert_eq!(parse_blob(longest.as_bytes()).map(|r| r.len()), Ok(1));
+    }
 
     #[test]
     fn keeps_records_byte_for_byte_and_rejects_bad_blobs() {

@@ -156,7 +156,7 @@ fn main() -> anyhow::Result<()> {
     let b: Baselines = baselines::measure(dir.path(), &recs)?;
     b.print();
 
-    println!("spool (commit = one sled transaction + flush + fdatasync per blob; zstd-1 chunks of <= 512 records)");
+    println!("spool (commit = one WAL record in its segment + fdatasync per blob, sled synced every 4 commits; zstd-1 chunks of <= 512 records)");
     let path = dir.path().join("spool");
     let spool = Spool::open(&path, options())?;
     let w1000 = commit_all(&spool, &recs, 1_000, "a")?;
