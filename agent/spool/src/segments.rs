@@ -96,9 +96,8 @@ impl Segments {
 
     /// Appends one group as a WAL record (`wal.rs`) with sequence number `seq`, written against sled's
     /// state `base`: its header, `frames` in order, then the operations `ops` builds from the record's
-    /// position and the frames' locations; then makes it durable (file,
-    /// and the directory for a new file). A group never spans two segments: one that is full is closed
-    /// first. After a failed write or sync the segment is abandoned (its length in memory may no longer
+    /// position and the frames' locations; then makes it durable (file, and the directory for a new
+    /// file). A group never spans two segments: one that is full is closed first. After a failed write or sync the segment is abandoned (its length in memory may no longer
     /// match the file's): the next append starts a new one. `fail_sync` (tests) fails the `fdatasync`
     /// after everything was written, as a disk error would.
     pub(crate) fn append_group(
