@@ -251,10 +251,18 @@ pub(crate) fn replay(main: &sled::Tree, segments_dir: &Path) -> Result<Replayed,
                 stop("not a whole record header");
                 return Ok(done);
             };
-            let total = HEADER_LEN + h.frames_len + u64::from(h.ops_len);
+            // Lengths that overrun the file (a header that passed its CRC by chance) stop replay.
+            let end = HEADER_LEN
+                .checked_add(h.frames_len)
+                .and_then(|t| t.checked_add(u64::from(h.ops_len)))
+                .and_then(|t| t.checked_add(offset))
+                .filter(|end| *end <= len);
             if h.seq <= done.last_seq && n == start.segment && offset == start.offset {
                 // The record the marker names: already durable in sled.
-                offset += total;
+                match end {
+                    Some(end) => offset = end,
+                    None => break,
+                }
                 continue;
             }
             if h.seq != done.last_seq + 1 {
@@ -265,10 +273,10 @@ pub(crate) fn replay(main: &sled::Tree, segments_dir: &Path) -> Result<Replayed,
                 ));
                 return Ok(done);
             }
-            if offset + total > len {
+            let Some(end) = end else {
                 stop("a torn record");
                 return Ok(done);
-            }
+            };
             let mut frames = vec![0u8; h.frames_len as usize];
             file.read_exact_at(&mut frames, offset + HEADER_LEN)
                 .map_err(io_err(&path))?;
@@ -291,7 +299,7 @@ pub(crate) fn replay(main: &sled::Tree, segments_dir: &Path) -> Result<Replayed,
             log::info!(target: "spool", "{}: group {} replayed", path.display(), h.seq);
             done.groups += 1;
             done.last_seq = h.seq;
-            offset += total;
+            offset = end;
         }
     }
     Ok(done)
@@ -327,6 +335,35 @@ mod tests {
             }
         }
         assert!(decode_ops(&[9, 0, 0, 0, 0]).is_none(), "an unknown tag");
+    }
+
+    /// A header whose CRC holds but whose lengths overrun the file (or u64) stops replay: no panic, no
+    /// allocation of its claimed size.
+    #[test]
+    fn lengths_past_the_file_stop_replay() {
+        let db = sled::Config::new().temporary(true).open().expect("db");
+        let main = db.open_tree("main").expect("tree");
+        let marker = WalPos {
+            seq: 0,
+            segment: 0,
+            offset: 0,
+        };
+        main.insert(marker_key(), &marker.encode()[..])
+            .expect("marker");
+        let dir = tempfile::tempdir().expect("dir");
+        for frames_len in [u64::MAX - 8, 1 << 40] {
+            let h = header(&Header {
+                seq: 1,
+                frames_len,
+                ops_len: 0,
+                frames_crc: 0,
+                ops_crc: crc32fast::hash(b""),
+                base: base_of(&main).expect("base"),
+            });
+            std::fs::write(segments::segment_path(dir.path(), 0), &h).expect("segment");
+            let done = replay(&main, dir.path()).expect("replay");
+            assert_eq!(done, Replayed::default(), "{frames_len}");
+        }
     }
 
     #[test]
