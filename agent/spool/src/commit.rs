@@ -463,9 +463,8 @@ impl Spool {
             }
             inner.seen.logged_hashed(today, new_ids.iter().copied());
         }
-        inner.sled_unsynced += 1;
-        if inner.sled_unsynced >= wal::SLED_SYNC_EVERY {
-            inner.sled_unsynced = 0;
+        let unsynced = self.sled_unsynced.fetch_add(1, Ordering::SeqCst) + 1;
+        if unsynced >= wal::SLED_SYNC_EVERY {
             self.make_durable(&format!("sled, up to group {seq}"))?;
         }
         if let Err(e) = inner.seen.write_runs_if_full(&g.main) {

@@ -313,6 +313,8 @@ pub struct Spool {
     build_threads: usize,
     /// Commits building their chunks right now (`commit.rs`).
     building: std::sync::atomic::AtomicUsize,
+    /// Groups applied to sled since its last durability point (any of them: `make_durable` resets it).
+    sled_unsynced: std::sync::atomic::AtomicU32,
     /// Tests: the next this many durability points fail, as fdatasync errors would.
     #[cfg(test)]
     fail_syncs: std::sync::atomic::AtomicU32,
@@ -337,8 +339,6 @@ struct Inner {
     commits: u64,
     /// The sequence number of the newest WAL record written or given up (`wal.rs`).
     wal_seq: u64,
-    /// Groups applied to sled since the commit path last made it durable.
-    sled_unsynced: u32,
     /// Why commits are refused until the next open: a failed append whose record could not be marked
     /// as never to be replayed.
     wal_broken: Option<String>,
@@ -497,6 +497,7 @@ impl Spool {
             queue: Mutex::new(Vec::new()),
             build_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             building: std::sync::atomic::AtomicUsize::new(0),
+            sled_unsynced: std::sync::atomic::AtomicU32::new(0),
             inner: Mutex::new(Inner {
                 next_chunk,
                 next_batch,
@@ -509,7 +510,6 @@ impl Spool {
                 reclaim_floor: 0,
                 commits: 0,
                 wal_seq: replayed.last_seq,
-                sled_unsynced: 0,
                 wal_broken: None,
             }),
         };
@@ -537,6 +537,8 @@ impl Spool {
             });
         }
         self.g().make_durable()?;
+        self.sled_unsynced
+            .store(0, std::sync::atomic::Ordering::SeqCst);
         log::trace!(target: "durability", "durable: {what}");
         Ok(())
     }

@@ -68,22 +68,18 @@ impl WalPos {
     }
 
     fn decode(v: &[u8]) -> Result<WalPos, SpoolError> {
-        let word = |i: usize| -> Result<u64, SpoolError> {
-            v.get(i..i + 8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| SpoolError::Corrupt(format!("the WAL marker: {} bytes", v.len())))
+        let v: [u8; 24] = v.try_into().map_err(|_| {
+            SpoolError::Corrupt(format!("the WAL marker: {} bytes, not 24", v.len()))
+        })?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&v[i..i + 8]);
+            u64::from_be_bytes(w)
         };
-        if v.len() != 24 {
-            return Err(SpoolError::Corrupt(format!(
-                "the WAL marker: {} bytes, not 24",
-                v.len()
-            )));
-        }
         Ok(WalPos {
-            seq: word(0)?,
-            segment: word(8)?,
-            offset: word(16)?,
+            seq: word(0),
+            segment: word(8),
+            offset: word(16),
         })
     }
 }
