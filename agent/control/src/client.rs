@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::identity::{self, Identity, NewIdentity};
+use crate::identity::{self, Identity, NewIdentity, ServerAnchors};
 use crate::managed::{self, Managed};
 use crate::protocol::{
     error_text, CommandResult, ConfigAnswer, EnrollAnswer, EnrollRequest, HeartbeatAnswer,
@@ -285,7 +285,8 @@ pub struct EnrollOptions<'a> {
     pub token: &'a str,
     /// The state directory the identity goes to.
     pub state_dir: &'a Path,
-    /// Extra trust anchors for the backend's server certificate (PEM file).
+    /// Extra trust anchors for the backend's server certificate (PEM file), besides the system roots.
+    /// Whichever of them verifies the backend in this handshake is pinned for it from then on.
     pub ca_file: Option<&'a Path>,
     /// HTTPS proxy.
     pub proxy: Option<&'a str>,
@@ -296,8 +297,10 @@ pub struct EnrollOptions<'a> {
 }
 
 /// Enrols the device: generates its key pair, sends a CSR with the token to `/v1/enroll`, verifies the
-/// certificate that comes back (our key, chains to the returned CA) and installs the identity, then
-/// stores the initial managed configuration, if the backend sent one.
+/// certificate that comes back (our key, chains to the returned CA) and installs the identity with the
+/// anchors that verified the backend's server chain in this very handshake as its pinned server trust
+/// (the `ca_file`, or the public root, that vouched for the backend's name; never the returned CA as
+/// such), then stores the initial managed configuration, if the backend sent one.
 pub async fn enroll_device(o: &EnrollOptions<'_>) -> Result<Identity, EnrollError> {
     if !o.backend_url.starts_with("https://") {
         return Err(EnrollError::Setup(format!(
@@ -313,8 +316,9 @@ pub async fn enroll_device(o: &EnrollOptions<'_>) -> Result<Identity, EnrollErro
             });
         }
     }
-    let tls = sensor_core::tls::client_config(o.ca_file, None)
+    let recorder = sensor_core::tls::AnchorRecorder::new(o.ca_file)
         .map_err(|e| EnrollError::Setup(e.to_string()))?;
+    let tls = recorder.client_config();
     let mut b = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(10))
@@ -345,13 +349,19 @@ pub async fn enroll_device(o: &EnrollOptions<'_>) -> Result<Identity, EnrollErro
             }) => return Err(EnrollError::Refused(text)),
             Err(e) => return Err(e.into()),
         };
-    let extra = match o.ca_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| EnrollError::Setup(format!("{}: {e}", p.display())))?,
-        ),
-        None => None,
-    };
+    let host = url::Url::parse(o.backend_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    let anchors = recorder.verifying_anchors(&host);
+    if anchors.is_empty() {
+        return Err(EnrollError::Setup(format!(
+            "the backend answered, but no trust anchor of the system roots{} verified the server certificate of `{host}`; nothing to pin",
+            o.ca_file.map(|p| format!(" or {}", p.display())).unwrap_or_default()
+        )));
+    }
+    let server_trust = sensor_core::tls::certs_to_pem(&anchors);
+    log::info!(target: "control", "pinned {} anchor(s) for the backend's server certificate", anchors.len());
     // Check the initial configuration's shape before anything is installed.
     let initial = match &answer.config {
         Some(c) if c.as_object().is_some_and(|m| !m.is_empty()) => Some(c.clone()),
@@ -365,7 +375,7 @@ pub async fn enroll_device(o: &EnrollOptions<'_>) -> Result<Identity, EnrollErro
             cert_pem: &answer.certificate_pem,
             key_pem: &k.key_pem,
             ca_pem: &answer.ca_pem,
-            extra_trust_pem: extra.as_deref(),
+            server_anchors: ServerAnchors::Enrolled(&server_trust),
         },
     )?;
     if let Some(config) = initial {

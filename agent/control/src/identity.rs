@@ -1,19 +1,27 @@
 //! The device identity: the key pair generated on the device at enrolment, the certificate the backend
-//! issued for it and the CA to trust. Layout in the state directory:
+//! issued for it, the CA that issued it, and the anchors the backend's server is trusted through.
+//! Layout in the state directory:
 //!
 //! ```text
 //! identity -> identity.<n>/        symlink, swapped atomically (enrolment, renewal)
 //! identity.<n>/device.key          PKCS#8 private key, 0600; never leaves the device
 //! identity.<n>/device.pem          the certificate the backend issued for that key
-//! identity.<n>/ca.pem              the issuing CA
-//! identity.<n>/trust.pem           anchors for the backend's server certificate (ca.pem + the CA file
-//!                                  given at enrolment)
+//! identity.<n>/ca.pem              the CA that issued device.pem: used only to check the device
+//!                                  certificate received at enrolment and renewal, never for the server
+//! identity.<n>/server-trust.pem    the anchors pinned for the backend's server certificate: those that
+//!                                  verified its chain in the enrolment handshake (see
+//!                                  sensor_core::tls::AnchorRecorder), carried over unchanged by renewal
+//! identity.<n>/trust.pem           a copy of server-trust.pem, for an agent of an earlier version after
+//!                                  an A/B rollback (it read this file); never read here but to migrate
 //! identity.<n>/sensor_id           the id the backend assigned
 //! ```
 //!
-//! Invariant: `identity` always points at a complete generation whose certificate was verified to carry
-//! the generation's own public key and to chain to its CA; a failed enrolment or renewal leaves the
-//! previous state untouched (no half-enrolled device).
+//! Invariants: `identity` always points at a complete generation whose certificate was verified to
+//! carry the generation's own public key and to chain to its CA; a failed enrolment or renewal leaves
+//! the previous state untouched (no half-enrolled device). The server anchors are written whole into
+//! each generation, never appended to: enrolment sets them, a renewal copies the current generation's
+//! ([`ServerAnchors::KeepCurrent`]), so nothing the backend answers at renewal (`ca_pem` included) can
+//! add an anchor for its server.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +34,11 @@ use crate::store;
 
 /// Name of the symlink in the state directory.
 pub const LINK: &str = "identity";
+/// The pinned anchors of a generation.
+pub const SERVER_TRUST: &str = sensor_core::config::IDENTITY_SERVER_TRUST;
+/// The file an earlier version kept the server anchors in (the device CA plus the enrolment CA file,
+/// with every renewal's CA prepended).
+pub const LEGACY_TRUST: &str = "trust.pem";
 
 /// Why an identity could not be made, read or installed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +49,14 @@ pub enum IdentityError {
     /// The certificate the backend returned is unusable.
     #[error("the backend's certificate is not usable: {0}")]
     BadCertificate(String),
+    /// The anchors for the backend's server are unusable (named file or enrolment's record).
+    #[error("{what}: {reason}")]
+    ServerAnchors {
+        /// The file, or what should have provided them.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Reading or writing the identity files failed.
     #[error("{path}: {source}")]
     Io {
@@ -63,8 +84,8 @@ pub struct Identity {
     pub cert_file: PathBuf,
     /// `identity/device.key`.
     pub key_file: PathBuf,
-    /// `identity/trust.pem`.
-    pub trust_file: PathBuf,
+    /// `identity/server-trust.pem`: the anchors the backend's server certificate is verified against.
+    pub server_trust_file: PathBuf,
     /// The certificate's validity start (Unix seconds).
     pub not_before: i64,
     /// The certificate's expiry (Unix seconds).
@@ -72,12 +93,14 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The installed identity of `state_dir`, `None` when the device was never enrolled.
+    /// The installed identity of `state_dir`, `None` when the device was never enrolled. A generation
+    /// written by an earlier version (no `server-trust.pem`) is migrated first ([`migrate_server_trust`]).
     pub fn load(state_dir: &Path) -> Result<Option<Identity>, IdentityError> {
         let link = state_dir.join(LINK);
         if std::fs::symlink_metadata(&link).is_err() {
             return Ok(None);
         }
+        migrate_server_trust(&link)?;
         let cert_file = link.join("device.pem");
         let pem = std::fs::read(&cert_file).map_err(io(&cert_file))?;
         let (not_before, not_after) = validity(&pem)?;
@@ -90,7 +113,7 @@ impl Identity {
             sensor_id,
             cert_file,
             key_file: link.join("device.key"),
-            trust_file: link.join("trust.pem"),
+            server_trust_file: link.join(SERVER_TRUST),
             not_before,
             not_after,
         }))
@@ -206,16 +229,107 @@ pub struct NewIdentity<'a> {
     pub cert_pem: &'a str,
     /// The device's private key (PEM).
     pub key_pem: &'a str,
-    /// The issuing CA (PEM).
+    /// The issuing CA (PEM): checks `cert_pem`, nothing else.
     pub ca_pem: &'a str,
-    /// Extra anchors for the backend's server certificate (PEM), e.g. the CA file used to enrol.
-    pub extra_trust_pem: Option<&'a str>,
+    /// The anchors for the backend's server certificate.
+    pub server_anchors: ServerAnchors<'a>,
+}
+
+/// Where a new generation's server anchors come from.
+#[derive(Clone, Copy, Debug)]
+pub enum ServerAnchors<'a> {
+    /// Enrolment: the anchors (PEM) that verified the backend's server chain in the enrolment handshake.
+    Enrolled(&'a str),
+    /// Renewal: the current generation's, unchanged (an error if there is none or it is unusable).
+    KeepCurrent,
+}
+
+/// Parses `pem` as a set of trust anchors: at least one certificate, each usable as a root; returned
+/// deduplicated in order. `what` names the source in errors.
+fn parse_anchors(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let bad = |reason: String| IdentityError::ServerAnchors {
+        what: what.to_string(),
+        reason,
+    };
+    let mut out: Vec<CertificateDer<'static>> = Vec::new();
+    for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let c = c.map_err(|e| bad(format!("not a PEM certificate list: {e}")))?;
+        rustls::RootCertStore::empty()
+            .add(c.clone())
+            .map_err(|e| bad(format!("not a usable trust anchor: {e}")))?;
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    if out.is_empty() {
+        return Err(bad("holds no certificate".into()));
+    }
+    Ok(out)
+}
+
+/// Reads the anchors file `path` ([`parse_anchors`]); unreadable, truncated or empty is an error naming it.
+fn read_anchors(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    parse_anchors(&text, &path.display().to_string())
+}
+
+/// Gives a generation written by an earlier version (`dir` has `trust.pem` but no `server-trust.pem`)
+/// its `server-trust.pem`, once, and logs that it did. A no-op when the file exists.
+///
+/// What it means: the old `trust.pem` does not record which anchor verified the backend at enrolment.
+/// The derived set is every distinct certificate of `trust.pem` except those of `ca.pem` (the device
+/// CA, which the old layout trusted for the server by mistake), or all of them when nothing else is
+/// left (a device enrolled without a CA file, or whose backend's server CA is the device CA). The
+/// system roots, which the earlier version also trusted, are no longer trusted: a backend behind a
+/// public CA needs `backend.trust_public_roots = true` (or a new enrolment, which pins that root).
+/// An unreadable or unparsable `trust.pem` or `ca.pem` is an error naming the file; nothing is written.
+pub fn migrate_server_trust(dir: &Path) -> Result<(), IdentityError> {
+    let target = dir.join(SERVER_TRUST);
+    if std::fs::symlink_metadata(&target).is_ok() {
+        return Ok(());
+    }
+    let legacy = dir.join(LEGACY_TRUST);
+    let all = read_anchors(&legacy)?;
+    let ca = read_anchors(&dir.join("ca.pem"))?;
+    let without_ca: Vec<_> = all.iter().filter(|c| !ca.contains(c)).cloned().collect();
+    let (derived, how) = if without_ca.is_empty() {
+        (all, "the device CA alone: trust.pem held nothing else")
+    } else {
+        (without_ca, "trust.pem without the device CA")
+    };
+    store::write_atomic_mode(
+        &target,
+        sensor_core::tls::certs_to_pem(&derived).as_bytes(),
+        0o644,
+    )
+    .map_err(io(&target))?;
+    log::warn!(target: "control", "identity written by an earlier version: pinned {} anchor(s) for the backend's server from {} ({how}) into {}; the system's public roots are no longer trusted for the backend unless backend.trust_public_roots = true", derived.len(), legacy.display(), target.display());
+    Ok(())
 }
 
 /// Verifies `new` ([`verify`]) and installs it as a new generation, then points `identity` at it.
-/// Older generations but the previous one are removed.
+/// The generation's `server-trust.pem` (and its `trust.pem` copy) is written whole from
+/// `new.server_anchors`, never from `new.ca_pem`. Older generations but the previous one are removed.
 pub fn install(state_dir: &Path, new: &NewIdentity<'_>) -> Result<Identity, IdentityError> {
     verify(new.cert_pem, new.key_pem, new.ca_pem)?;
+    let anchors = match new.server_anchors {
+        ServerAnchors::Enrolled(pem) => {
+            parse_anchors(pem, "the anchors that verified the backend at enrolment")?
+        }
+        ServerAnchors::KeepCurrent => {
+            let link = state_dir.join(LINK);
+            if std::fs::symlink_metadata(&link).is_err() {
+                return Err(IdentityError::ServerAnchors {
+                    what: link.display().to_string(),
+                    reason: "a renewal keeps the current server anchors, but there is no identity"
+                        .into(),
+                });
+            }
+            migrate_server_trust(&link)?;
+            read_anchors(&link.join(SERVER_TRUST))?
+        }
+    };
+    let trust = sensor_core::tls::certs_to_pem(&anchors);
     store::private_dir(state_dir).map_err(io(state_dir))?;
     let generations = generations(state_dir)?;
     let n = generations.iter().max().map_or(1, |m| m + 1);
@@ -224,17 +338,12 @@ pub fn install(state_dir: &Path, new: &NewIdentity<'_>) -> Result<Identity, Iden
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
     store::private_dir(&dir).map_err(io(&dir))?;
-    let mut trust = new.ca_pem.trim_end().to_string();
-    trust.push('\n');
-    if let Some(extra) = new.extra_trust_pem {
-        trust.push_str(extra.trim_end());
-        trust.push('\n');
-    }
     for (name, bytes, mode) in [
         ("device.key", new.key_pem.as_bytes(), 0o600),
         ("device.pem", new.cert_pem.as_bytes(), 0o644),
         ("ca.pem", new.ca_pem.as_bytes(), 0o644),
-        ("trust.pem", trust.as_bytes(), 0o644),
+        (SERVER_TRUST, trust.as_bytes(), 0o644),
+        (LEGACY_TRUST, trust.as_bytes(), 0o644),
         ("sensor_id", new.sensor_id.as_bytes(), 0o644),
     ] {
         let p = dir.join(name);
@@ -312,7 +421,7 @@ mod tests {
                 cert_pem: &cert,
                 key_pem: &k.key_pem,
                 ca_pem: &ca_pem,
-                extra_trust_pem: None,
+                server_anchors: ServerAnchors::Enrolled(&ca_pem),
             },
         )
         .expect("install");
@@ -336,7 +445,7 @@ mod tests {
                 cert_pem: &wrong,
                 key_pem: &k.key_pem,
                 ca_pem: &ca_pem,
-                extra_trust_pem: None,
+                server_anchors: ServerAnchors::Enrolled(&ca_pem),
             },
         )
         .expect_err("mismatched key");
@@ -350,7 +459,7 @@ mod tests {
                 cert_pem: &issue(&stranger, &k.csr_pem),
                 key_pem: &k.key_pem,
                 ca_pem: &ca_pem,
-                extra_trust_pem: None,
+                server_anchors: ServerAnchors::Enrolled(&ca_pem),
             },
         )
         .expect_err("wrong CA");
@@ -370,7 +479,7 @@ mod tests {
                     cert_pem: &issue(&ca, &k2.csr_pem),
                     key_pem: &k2.key_pem,
                     ca_pem: &ca_pem,
-                    extra_trust_pem: Some(&ca_pem),
+                    server_anchors: ServerAnchors::KeepCurrent,
                 },
             )
             .unwrap_or_else(|e| panic!("renewal {round}: {e}"));
@@ -411,5 +520,156 @@ mod tests {
         let k = new_key_and_csr("dev").expect("csr");
         let e = verify("not a pem", &k.key_pem, "also not").expect_err("garbage");
         assert!(e.to_string().contains("certificate_pem"), "{e}");
+    }
+
+    fn anchors_of(path: &Path) -> Vec<CertificateDer<'static>> {
+        let text = std::fs::read_to_string(path).expect("read anchors");
+        CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("pem")
+    }
+
+    fn der(ca: &Ca) -> CertificateDer<'static> {
+        ca.cert.der().clone()
+    }
+
+    /// The server anchors are written whole at enrolment and carried over unchanged by every renewal,
+    /// even when each renewal answer brings another issuing CA: the device CA never becomes an anchor
+    /// for the backend's server, and the file does not grow.
+    #[test]
+    fn renewals_rebuild_the_server_anchors_and_never_add_the_issuing_ca() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let d = tempfile::tempdir().expect("tempdir");
+        let server_ca = new_ca("backend server CA");
+        let device_ca = new_ca("device CA");
+        let k = new_key_and_csr("dev").expect("csr");
+        let enrolled = install(
+            d.path(),
+            &NewIdentity {
+                sensor_id: "s-1",
+                cert_pem: &issue(&device_ca, &k.csr_pem),
+                key_pem: &k.key_pem,
+                ca_pem: &device_ca.cert.pem(),
+                server_anchors: ServerAnchors::Enrolled(&server_ca.cert.pem()),
+            },
+        )
+        .expect("enrol");
+        let pinned = std::fs::read(&enrolled.server_trust_file).expect("read");
+        assert_eq!(
+            anchors_of(&enrolled.server_trust_file),
+            vec![der(&server_ca)]
+        );
+        let link = d.path().join(LINK);
+        assert_eq!(anchors_of(&link.join(LEGACY_TRUST)), vec![der(&server_ca)]);
+        for round in 0..4 {
+            // A hostile backend answers each renewal with a CA of its choosing.
+            let rogue = new_ca(&format!("rogue CA {round}"));
+            let k2 = new_key_and_csr("dev").expect("csr");
+            let renewed = install(
+                d.path(),
+                &NewIdentity {
+                    sensor_id: "s-1",
+                    cert_pem: &issue(&rogue, &k2.csr_pem),
+                    key_pem: &k2.key_pem,
+                    ca_pem: &rogue.cert.pem(),
+                    server_anchors: ServerAnchors::KeepCurrent,
+                },
+            )
+            .unwrap_or_else(|e| panic!("renewal {round}: {e}"));
+            assert_eq!(
+                std::fs::read(&renewed.server_trust_file).expect("read"),
+                pinned,
+                "renewal {round}: the server anchors are the enrolment's, byte for byte"
+            );
+            assert_eq!(
+                std::fs::read(link.join(LEGACY_TRUST)).expect("read"),
+                pinned,
+                "renewal {round}: trust.pem is rebuilt, not appended"
+            );
+            assert_eq!(anchors_of(&link.join("ca.pem")), vec![der(&rogue)]);
+        }
+    }
+
+    /// A renewal without a current identity, or with an unusable anchors file, fails naming the file
+    /// and installs nothing; an enrolment without any anchor is refused.
+    #[test]
+    fn unusable_server_anchors_are_refused_naming_the_file() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let d = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca("CA");
+        let ca_pem = ca.cert.pem();
+        let k = new_key_and_csr("dev").expect("csr");
+        let cert = issue(&ca, &k.csr_pem);
+        let new = |anchors| NewIdentity {
+            sensor_id: "s-1",
+            cert_pem: &cert,
+            key_pem: &k.key_pem,
+            ca_pem: &ca_pem,
+            server_anchors: anchors,
+        };
+        let e = install(d.path(), &new(ServerAnchors::KeepCurrent)).expect_err("no identity");
+        assert!(e.to_string().contains("no identity"), "{e}");
+        let e = install(d.path(), &new(ServerAnchors::Enrolled(""))).expect_err("no anchor");
+        assert!(e.to_string().contains("holds no certificate"), "{e}");
+        assert_eq!(Identity::load(d.path()).expect("load"), None);
+        let first = install(d.path(), &new(ServerAnchors::Enrolled(&ca_pem))).expect("enrol");
+        // Truncated mid-certificate.
+        let whole = std::fs::read_to_string(&first.server_trust_file).expect("read");
+        std::fs::write(&first.server_trust_file, &whole[..whole.len() / 2]).expect("truncate");
+        let e = install(d.path(), &new(ServerAnchors::KeepCurrent)).expect_err("truncated");
+        assert!(e.to_string().contains(SERVER_TRUST), "{e}");
+        assert_eq!(generations(d.path()).expect("generations"), vec![1]);
+    }
+
+    /// A generation of an earlier version (no server-trust.pem, a trust.pem that grew with renewals)
+    /// gets server-trust.pem derived once: the CA-file anchors without the device CA; or the device CA
+    /// when trust.pem held nothing else.
+    #[test]
+    fn an_earlier_generation_is_migrated_once() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let d = tempfile::tempdir().expect("tempdir");
+        let server_ca = new_ca("backend server CA");
+        let device_ca = new_ca("device CA");
+        let k = new_key_and_csr("dev").expect("csr");
+        let first = install(
+            d.path(),
+            &NewIdentity {
+                sensor_id: "s-1",
+                cert_pem: &issue(&device_ca, &k.csr_pem),
+                key_pem: &k.key_pem,
+                ca_pem: &device_ca.cert.pem(),
+                server_anchors: ServerAnchors::Enrolled(&server_ca.cert.pem()),
+            },
+        )
+        .expect("enrol");
+        // What the earlier version wrote after two renewals: ca.pem prepended each time.
+        let dev = device_ca.cert.pem();
+        let old = format!("{dev}{dev}{dev}{}", server_ca.cert.pem());
+        let link = d.path().join(LINK);
+        std::fs::write(link.join(LEGACY_TRUST), &old).expect("write");
+        std::fs::remove_file(&first.server_trust_file).expect("rm");
+        let loaded = Identity::load(d.path()).expect("load").expect("some");
+        assert_eq!(anchors_of(&loaded.server_trust_file), vec![der(&server_ca)]);
+        // Once: a later load leaves it alone.
+        let before = std::fs::read(&loaded.server_trust_file).expect("read");
+        std::fs::write(link.join(LEGACY_TRUST), "garbage").expect("write");
+        Identity::load(d.path()).expect("load again");
+        assert_eq!(
+            std::fs::read(&loaded.server_trust_file).expect("read"),
+            before
+        );
+
+        // Enrolled without a CA file: trust.pem held only the device CA, which is kept.
+        std::fs::write(link.join(LEGACY_TRUST), format!("{dev}{dev}")).expect("write");
+        std::fs::remove_file(&loaded.server_trust_file).expect("rm");
+        Identity::load(d.path()).expect("load");
+        assert_eq!(anchors_of(&loaded.server_trust_file), vec![der(&device_ca)]);
+
+        // An unreadable trust.pem is an error naming it, and nothing is written.
+        std::fs::write(link.join(LEGACY_TRUST), &dev[..dev.len() / 2]).expect("write");
+        std::fs::remove_file(&loaded.server_trust_file).expect("rm");
+        let e = Identity::load(d.path()).expect_err("truncated trust.pem");
+        assert!(e.to_string().contains(LEGACY_TRUST), "{e}");
+        assert!(!loaded.server_trust_file.exists());
     }
 }

@@ -58,6 +58,8 @@ impl Default for ManagementConfig {
 
 /// Where enrolment installs the device identity inside the state directory (see `sensor_control::identity`).
 pub const IDENTITY_LINK: &str = "identity";
+/// The file of an identity generation holding the anchors pinned for the backend's server certificate.
+pub const IDENTITY_SERVER_TRUST: &str = "server-trust.pem";
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/m365-sensor")
@@ -98,6 +100,19 @@ pub struct BackendConfig {
     pub client_key_file: Option<PathBuf>,
     /// Extra trust anchors (PEM) besides the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Local-only (a managed configuration cannot set it): after enrolment, also trust the system's
+    /// public roots for the backend's server certificate, besides the anchors enrolment pinned
+    /// (`identity/server-trust.pem`) and `ca_file`. Default `false`: an enrolled sensor trusts its
+    /// backend only through the pinned anchors, so no public CA can vouch for an impostor. Set it for a
+    /// backend behind a public CA whose chain may move to another public root, or whose update bundles
+    /// are served from another host with a public certificate. No effect before enrolment or with a
+    /// configured `token_file`/`client_cert_file` (the system roots are trusted then, as always).
+    #[serde(default)]
+    pub trust_public_roots: bool,
+    /// Not a configuration key: set by [`Config::use_enrolled_identity`] to the anchors enrolment
+    /// pinned. `Some` means the backend is trusted through them ([`crate::tls::ServerTrust::Pinned`]).
+    #[serde(skip)]
+    pub pinned_anchors_file: Option<PathBuf>,
     /// `zstd` or `gzip`.
     #[serde(default)]
     pub compression: Compression,
@@ -364,8 +379,9 @@ impl fmt::Display for ProblemList<'_> {
 
 impl Config {
     /// Fills the backend's mutual-TLS files from the enrolled identity (`<state_dir>/identity/`) when the
-    /// file names no device credential: the certificate and key, and (unless `ca_file` is set) the trust
-    /// anchors enrolment stored. A no-op when a credential is configured or the device is not enrolled.
+    /// file names no device credential: the certificate and key, and the server anchors enrolment pinned
+    /// ([`BackendConfig::pinned_anchors_file`]). A no-op when a credential is configured or the device is
+    /// not enrolled.
     pub fn use_enrolled_identity(&mut self) {
         let b = &mut self.backend;
         let link = self.state_dir.join(IDENTITY_LINK);
@@ -376,9 +392,7 @@ impl Config {
         {
             b.client_cert_file = Some(link.join("device.pem"));
             b.client_key_file = Some(link.join("device.key"));
-            if b.ca_file.is_none() {
-                b.ca_file = Some(link.join("trust.pem"));
-            }
+            b.pinned_anchors_file = Some(link.join(IDENTITY_SERVER_TRUST));
         }
     }
 
@@ -641,6 +655,7 @@ const BACKEND_KEYS: &[&str] = &[
     "client_cert_file",
     "client_key_file",
     "ca_file",
+    "trust_public_roots",
     "compression",
     "batch_max_bytes",
     "batch_max_records",
@@ -901,6 +916,8 @@ backfill_hours = 200
             client_cert_file: Some("/c".into()),
             client_key_file: Some("/k".into()),
             ca_file: Some("/ca".into()),
+            trust_public_roots: true,
+            pinned_anchors_file: None,
             compression: Compression::Zstd,
             batch_max_bytes: 1,
             batch_max_records: 1,

@@ -127,7 +127,11 @@ pub struct Relay {
     backoff: Mutex<Backoff>,
 }
 
-/// Builds the backend HTTPS client: system roots plus `ca_file`, mTLS identity when configured.
+/// Builds the backend HTTPS client, with the mTLS identity when configured. The server is trusted
+/// through the anchors enrolment pinned when the enrolled identity is in use
+/// (`pinned_anchors_file`, plus the local `ca_file`, plus the system roots only with
+/// `trust_public_roots`), else through the system roots plus `ca_file`. An unreadable anchors file is
+/// an error naming it, never a fallback to the system roots.
 pub fn backend_http_client(
     cfg: &BackendConfig,
     proxy: Option<&str>,
@@ -136,7 +140,17 @@ pub fn backend_http_client(
         (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
         _ => None,
     };
-    let tls = sensor_core::tls::client_config(cfg.ca_file.as_deref(), identity)
+    let trust = match &cfg.pinned_anchors_file {
+        Some(anchors) => sensor_core::tls::ServerTrust::Pinned {
+            anchors,
+            extra_ca: cfg.ca_file.as_deref(),
+            public_roots: cfg.trust_public_roots,
+        },
+        None => sensor_core::tls::ServerTrust::SystemRootsPlus {
+            extra_ca: cfg.ca_file.as_deref(),
+        },
+    };
+    let tls = sensor_core::tls::client_config_with(trust, identity)
         .map_err(|e| RelayError::Client(e.to_string()))?;
     let mut b = reqwest::Client::builder()
         .use_preconfigured_tls(tls)

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sensor_control::client::{ClientError, ManagementClient};
-use sensor_control::identity::{self, Identity, NewIdentity};
+use sensor_control::identity::{self, Identity, NewIdentity, ServerAnchors};
 use sensor_control::journal::Journal;
 use sensor_control::managed::{self, CredentialOverride, Managed};
 use sensor_control::protocol::{Command, CommandResult, HeartbeatAnswer};
@@ -662,7 +662,6 @@ async fn renew_if_due(ctx: &ControlContext, c: &ManagementClient) -> bool {
     let outcome = async {
         let k = identity::new_key_and_csr(&current.sensor_id).map_err(|e| e.to_string())?;
         let answer = c.renew(&k.csr_pem).await.map_err(|e| e.to_string())?;
-        let trust = std::fs::read_to_string(&current.trust_file).ok();
         let installed = identity::install(
             &ctx.state_dir,
             &NewIdentity {
@@ -670,7 +669,8 @@ async fn renew_if_due(ctx: &ControlContext, c: &ManagementClient) -> bool {
                 cert_pem: &answer.certificate_pem,
                 key_pem: &k.key_pem,
                 ca_pem: &answer.ca_pem,
-                extra_trust_pem: trust.as_deref(),
+                // The renewal answer's ca_pem checks the new certificate only; server trust stays.
+                server_anchors: ServerAnchors::KeepCurrent,
             },
         )
         .map_err(|e| e.to_string())?;

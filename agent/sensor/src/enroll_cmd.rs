@@ -23,7 +23,8 @@ pub struct Args {
     /// Configuration file (for state_dir, network.proxy, backend.url and backend.ca_file); optional.
     #[arg(long, default_value = crate::DEFAULT_CONFIG)]
     pub config: PathBuf,
-    /// Extra trust anchors (PEM) for the backend's server certificate (default: backend.ca_file).
+    /// Extra trust anchors (PEM) for the backend's server certificate (default: backend.ca_file). The
+    /// anchor that verifies the backend now is pinned for it from then on.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// Enrol again although the device already has an identity.

@@ -33,6 +33,10 @@ pub struct ReceiverConfig {
     /// Names (DNS or IP) the server certificate carries besides `127.0.0.1` and `localhost` (a VM that
     /// reaches the receiver through a forwarded address).
     pub server_names: Vec<String>,
+    /// Acts as a compromised backend towards the sensor's trust in it: renewals are issued by a second,
+    /// hostile CA and answer it as `ca_pem`, and the main port can present a server certificate of that
+    /// CA (see the `hostile` module: `POST /_rx/server-cert`).
+    pub hostile_renewal_ca: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -47,6 +51,7 @@ impl Default for ReceiverConfig {
             enrollment_tokens: Vec::new(),
             device_cert_validity: DEFAULT_DEVICE_CERT_VALIDITY,
             server_names: Vec::new(),
+            hostile_renewal_ca: false,
         }
     }
 }

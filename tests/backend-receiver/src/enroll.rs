@@ -7,7 +7,8 @@
 //! not used), body (400 naming every bad field), token (401 `unknown enrollment token` or
 //! `enrollment token already used`), CSR (400; the token is not used), then the token is used and the
 //! certificate issued (201). On renew: a verified client certificate (else 401, a bearer token is not
-//! enough), body (400), CSR (400), issue (200). Every refusal is recorded with its reason.
+//! enough), body (400), CSR (400), issue (200), by the hostile CA instead when the receiver plays a
+//! compromised backend (`crate::hostile`). Every refusal is recorded with its reason.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -225,9 +226,9 @@ pub(crate) async fn renew(State(shared): State<Arc<Shared>>, req: Request) -> Re
         })?;
         let map = read_strict_json(&shared, &parts, body, &[("csr_pem", Field::String)]).await?;
         let serial = shared.lock_mgmt().next_serial();
-        let issued = shared
-            .issuer
-            .issue(&string_field(&map, "csr_pem"), &cn, serial)?;
+        // A compromised backend issues the renewal from a CA of its choosing (see `hostile`).
+        let issuer = shared.hostile.as_ref().map_or(&shared.issuer, |h| &h.issuer);
+        let issued = issuer.issue(&string_field(&map, "csr_pem"), &cn, serial)?;
         shared.lock_mgmt().renewed(RenewalRecord {
             sensor_id: cn.clone(),
             previous_serial: identity.serial.clone(),
@@ -244,7 +245,7 @@ pub(crate) async fn renew(State(shared): State<Arc<Shared>>, req: Request) -> Re
         );
         Ok::<_, Reject>(RenewResponse {
             certificate_pem: issued.cert_pem,
-            ca_pem: shared.issuer.ca_pem.clone(),
+            ca_pem: issuer.ca_pem.clone(),
         })
     }
     .await;

@@ -67,11 +67,15 @@
 //! - `POST /_rx/commands` [`QueueCommand`] `{"kind","args"?,"id"?}` → `{"id"}` (an id queued before:
 //!   409); `GET /_rx/commands` (`[`[`CommandTruth`]`]`);
 //! - `GET /_rx/diagnostics` (`[`[`DiagnosticsBundle`]`]`); `GET /_rx/heartbeats`
-//!   (`[`[`HeartbeatRecord`]`]`, the last 1000).
+//!   (`[`[`HeartbeatRecord`]`]`, the last 1000);
+//! - `POST /_rx/server-cert` `{"issuer":"genuine"|"hostile"}`, only with
+//!   [`ReceiverConfig::hostile_renewal_ca`] (the `hostile` module: renewals from a second CA, and an
+//!   impostor server certificate of that CA).
 
 mod config;
 mod enroll;
 mod faults;
+mod hostile;
 mod http;
 mod ingest;
 mod manage;
@@ -113,6 +117,8 @@ pub struct ReceiverHandle {
     /// The CA (PEM) that signed the server certificate (for `127.0.0.1` and `localhost`), the device
     /// certificate and every certificate issued at enrolment or renewal.
     pub ca_pem: String,
+    /// The hostile CA (PEM) that issues renewals, with [`ReceiverConfig::hostile_renewal_ca`].
+    pub hostile_ca_pem: Option<String>,
     /// A client certificate (PEM) the main port accepts for mTLS.
     pub device_cert_pem: String,
     /// The device certificate's PKCS#8 private key (PEM).
@@ -142,14 +148,27 @@ pub async fn start(cfg: ReceiverConfig) -> Result<ReceiverHandle, ReceiverError>
     let device = ca.issue_client(&cfg.device_cn)?;
     // Client certificates are verified when presented but not required: enrolment and bearer-token
     // clients connect without one, and each handler decides.
-    let main_tls = sensor_testkit::server_config(&server_cert, Some(ca.cert_der()))?;
+    let hostile = if cfg.hostile_renewal_ca {
+        Some(hostile::Hostile::new(
+            &names,
+            &server_cert,
+            cfg.device_cert_validity,
+        )?)
+    } else {
+        None
+    };
+    let main_tls = match &hostile {
+        Some(h) => h.main_tls(ca.cert_der())?,
+        None => sensor_testkit::server_config(&server_cert, Some(ca.cert_der()))?,
+    };
     let control_tls = sensor_testkit::server_config(&server_cert, None)?;
     let ca_pem = ca.cert_pem();
 
     let control_addr = cfg.control_listen;
     let listen = cfg.listen;
     let issuer = enroll::Issuer::new(ca, cfg.device_cert_validity);
-    let shared = Arc::new(Shared::new(cfg, issuer));
+    let hostile_ca_pem = hostile.as_ref().map(|h| h.ca_pem());
+    let shared = Arc::new(Shared::new(cfg, issuer, hostile.clone()));
     let router = Router::new()
         .route("/v1/ingest", post(ingest::ingest))
         .route("/v1/heartbeat", post(manage::heartbeat))
@@ -175,11 +194,11 @@ pub async fn start(cfg: ReceiverConfig) -> Result<ReceiverHandle, ReceiverError>
             source,
         })?;
     let main = MainPort::start(listen, main_tls, router, Arc::clone(&shared)).await?;
-    let control_task = sensor_testkit::serve_tls(
-        control_listener,
-        control_tls,
-        server::control_router(Arc::clone(&shared), Arc::clone(&main)),
-    );
+    let mut control = server::control_router(Arc::clone(&shared), Arc::clone(&main));
+    if let Some(h) = hostile {
+        control = control.merge(hostile::control_router(h));
+    }
+    let control_task = sensor_testkit::serve_tls(control_listener, control_tls, control);
     log::info!(
         "backend receiver: main https://{} control https://{}",
         main.addr,
@@ -189,6 +208,7 @@ pub async fn start(cfg: ReceiverConfig) -> Result<ReceiverHandle, ReceiverError>
         url: format!("https://{}", main.addr),
         control_url: format!("https://{control_addr}"),
         ca_pem,
+        hostile_ca_pem,
         device_cert_pem: device.cert_pem,
         device_key_pem: device.key_pem,
         shared,

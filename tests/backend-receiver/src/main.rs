@@ -46,6 +46,11 @@ struct Args {
     /// by (repeat the flag for more).
     #[arg(long = "server-name", value_name = "NAME")]
     server_names: Vec<String>,
+    /// Play a compromised backend: renewals issued by a second CA (written to DIR/hostile-ca.pem) and
+    /// answered as `ca_pem`; `POST /_rx/server-cert {"issuer":"hostile"}` makes the main port present a
+    /// server certificate of that CA.
+    #[arg(long)]
+    hostile_renewal_ca: bool,
 }
 
 /// A minimal stderr logger.
@@ -132,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         enrollment_tokens: args.enroll_tokens,
         device_cert_validity: std::time::Duration::from_secs(args.device_cert_validity_secs),
         server_names: args.server_names,
+        hostile_renewal_ca: args.hostile_renewal_ca,
         ..Default::default()
     };
     let handle = backend_receiver::start(cfg).await?;
@@ -139,6 +145,9 @@ async fn main() -> anyhow::Result<()> {
     write_atomic(dir, "ca.pem", &handle.ca_pem, 0o644)?;
     write_atomic(dir, "device.pem", &handle.device_cert_pem, 0o644)?;
     write_atomic(dir, "device.key", &handle.device_key_pem, 0o600)?;
+    if let Some(pem) = &handle.hostile_ca_pem {
+        write_atomic(dir, "hostile-ca.pem", pem, 0o644)?;
+    }
     write_atomic(dir, "control_url", &handle.control_url, 0o644)?;
     write_atomic(dir, "url", &handle.url, 0o644)?;
     log::info!("ready: {} (control {})", handle.url, handle.control_url);

@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub cfg: ReceiverConfig,
     /// The CA that issues device certificates at enrolment and renewal.
     pub issuer: Issuer,
+    /// The hostile CA that issues renewals instead, when configured.
+    pub hostile: Option<Arc<crate::hostile::Hostile>>,
     state: Mutex<TruthState>,
     faults: Mutex<FaultState>,
     mgmt: Mutex<Mgmt>,
@@ -34,8 +36,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new(cfg: ReceiverConfig, issuer: Issuer) -> Self {
+    pub fn new(
+        cfg: ReceiverConfig,
+        issuer: Issuer,
+        hostile: Option<Arc<crate::hostile::Hostile>>,
+    ) -> Self {
         Self {
+            hostile,
             mgmt: Mutex::new(Mgmt::new(&cfg.enrollment_tokens)),
             cfg,
             issuer,
