@@ -210,6 +210,10 @@ pub struct StatusDocument {
     /// Per tenant (by name): how far behind the newest spooled content is.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantFigures>,
+    /// The state directory of the agent that wrote it (`status` matches it against its configuration
+    /// when it reads the copy in the runtime directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
 }
 
 /// Where the managed configuration stands.

@@ -1,6 +1,11 @@
 //! `m365-sensor run`: wires the spool, the collectors, the relay and the status writer, and shuts them
-//! down in order. Invariant: on SIGTERM/SIGINT collectors stop between durable steps, in-flight batches get
-//! a bounded drain, and the spool is flushed and fsynced before exit 0.
+//! down in order. Invariants: on SIGTERM/SIGINT collectors stop between durable steps, in-flight batches
+//! get a bounded drain, the spool is flushed and fsynced, and the agent exits 0 within a few seconds
+//! whatever the network, the disk or the clock does (every wait in the stop path is bounded: a stage
+//! still running after its grace is aborted, which loses nothing since each commit is atomic and each
+//! batch is resent with its key). A host fault under the spool (a full, read-only or failing
+//! filesystem, damaged spool files) never ends the agent: the control plane runs without the spool,
+//! the `spool` component names the fault, and the spool is reopened with backoff until it works.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,14 +19,41 @@ use sensor_control::managed::Managed;
 use sensor_core::config::{Config, TenantConfig};
 use sensor_core::counters::Counters;
 use sensor_core::status::{ConfigStatus, SpoolFigures, State, StatusBoard, StatusDocument};
+use sensor_spool::fault::{Fault, FaultKind};
 use sensor_spool::{Spool, SpoolOptions};
 use tokio::sync::{oneshot, watch, Notify};
 
-/// How often an unchanged status document is rewritten (its `updated_at` shows the agent is alive).
-const STATUS_REFRESH: Duration = Duration::from_secs(30);
+/// How long in-flight batches may take at shutdown (unsent ones stay spooled and are resent).
+const DRAIN: Duration = Duration::from_secs(2);
 
-/// How long in-flight batches may take at shutdown.
-const DRAIN: Duration = Duration::from_secs(10);
+/// How long the collectors and the relay get to stop by themselves before they are aborted (the
+/// relay's [`DRAIN`] fits in it).
+const STOP_GRACE: Duration = Duration::from_millis(2500);
+
+/// How long the control task gets to finish at shutdown (a heartbeat in flight) before it is aborted.
+const CONTROL_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the final flush and fsync of the spool may take at shutdown (a dying disk can hang it).
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// The first pause before the spool is opened again after a host fault; doubles up to [`REOPEN_MAX`].
+const REOPEN_MIN: Duration = Duration::from_secs(1);
+
+/// The longest pause between two attempts to open the spool.
+const REOPEN_MAX: Duration = Duration::from_secs(60);
+
+/// While the filesystem is full or read-only: how often a small write is tried, so the spool reopens
+/// as soon as the filesystem takes writes again instead of at the end of a long backoff.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Where the open spool is published for the control task: `None` while it cannot be opened. Invariant:
+/// the lock is never held across `.await`, and a faulted spool is taken out before it is reopened.
+pub type SpoolSlot = Arc<std::sync::RwLock<Option<Arc<Spool>>>>;
+
+/// The spool in `slot`, if open.
+pub fn spool_of(slot: &SpoolSlot) -> Option<Arc<Spool>> {
+    slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 /// Everything a running agent exposes to its embedder (the demo's progress line).
 #[derive(Clone)]
@@ -69,15 +101,33 @@ pub struct DocContext<'a> {
     pub config_status: &'a ConfigStatus,
 }
 
-/// The status document of now (what `status --json` prints and the heartbeat sends).
+/// The status document of now (what `status --json` prints and the heartbeat sends). Without an open
+/// spool its figures are zero but `max_bytes`, and the `spool` component says why.
 pub fn status_document(
     ctx: &DocContext<'_>,
     status: &StatusBoard,
-    spool: &Spool,
+    spool: Option<&Spool>,
     counters: &Counters,
 ) -> StatusDocument {
-    let f = spool.figures();
     let now = time::OffsetDateTime::now_utc();
+    let spool_figures = match spool {
+        Some(spool) => {
+            let f = spool.figures();
+            SpoolFigures {
+                records: f.pending_records,
+                bytes: f.stored_bytes,
+                raw_bytes: f.pending_raw_bytes,
+                max_bytes: spool.max_bytes(),
+                disk_bytes: spool.used_bytes(),
+                quarantined: f.quarantined_items,
+                batches: spool.pending_batches().map(|b| b.len() as u64).unwrap_or(0),
+            }
+        }
+        None => SpoolFigures {
+            max_bytes: ctx.config.spool.max_bytes,
+            ..SpoolFigures::default()
+        },
+    };
     StatusDocument {
         overall: status.overall(),
         sensor_id: ctx.sensor_id.to_string(),
@@ -85,15 +135,7 @@ pub fn status_document(
         arch: std::env::consts::ARCH.to_string(),
         updated_at: sensor_core::timefmt::rfc3339(now),
         components: status.components(),
-        spool: SpoolFigures {
-            records: f.pending_records,
-            bytes: f.stored_bytes,
-            raw_bytes: f.pending_raw_bytes,
-            max_bytes: spool.max_bytes(),
-            disk_bytes: spool.used_bytes(),
-            quarantined: f.quarantined_items,
-            batches: spool.pending_batches().map(|b| b.len() as u64).unwrap_or(0),
-        },
+        spool: spool_figures,
         counters: counters.snapshot(),
         pid: std::process::id(),
         uptime_secs: ctx.started.elapsed().as_secs(),
@@ -102,6 +144,7 @@ pub fn status_document(
             ctx.config.tenants.iter().map(|t| t.name.as_str()),
             now.unix_timestamp(),
         ),
+        state_dir: Some(ctx.config.state_dir.display().to_string()),
     }
 }
 
@@ -137,6 +180,19 @@ fn update_spool_state(status: &StatusBoard, spool: &Spool) {
     }
 }
 
+/// Waits for `task` until `deadline`, then aborts it. An aborted collector or relay loses nothing: a
+/// commit is atomic (done or not), a batch not acknowledged stays spooled and is resent with its key.
+async fn join_until(
+    mut task: tokio::task::JoinHandle<()>,
+    deadline: tokio::time::Instant,
+    what: &str,
+) {
+    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        log::warn!(target: "agent", "{what} did not stop within its grace; aborted (nothing is lost: commits are atomic, unacknowledged batches are resent)");
+        task.abort();
+    }
+}
+
 /// The collectors of one tenant.
 struct TenantRun {
     config: TenantConfig,
@@ -145,18 +201,21 @@ struct TenantRun {
 }
 
 impl TenantRun {
-    /// Stops the tenant's collectors between durable steps and waits for them.
+    /// Stops the tenant's collectors between durable steps and waits for them, at most [`STOP_GRACE`].
     async fn stop(self) {
         let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
         for t in self.tasks {
-            let _ = t.await;
+            join_until(t, deadline, "a collector").await;
         }
     }
 }
 
-/// The collectors (per tenant) and the relay of the configuration in force, each stoppable on its own.
+/// The collectors (per tenant) and the relay of the configuration in force, each stoppable on its own,
+/// on the open spool.
 struct Stages {
     config: Config,
+    spool: Arc<Spool>,
     tenants: BTreeMap<String, TenantRun>,
     relay_stop: watch::Sender<bool>,
     relay: tokio::task::JoinHandle<()>,
@@ -165,7 +224,6 @@ struct Stages {
 struct Shared {
     id: String,
     clients: Arc<m365_collector::HttpClients>,
-    spool: Arc<Spool>,
     status: Arc<StatusBoard>,
     counters: Arc<Counters>,
     wake: Arc<Notify>,
@@ -174,6 +232,7 @@ struct Shared {
 impl Shared {
     fn start_relay(
         &self,
+        spool: &Arc<Spool>,
         config: &Config,
     ) -> Result<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> {
         let relay = Arc::new(
@@ -181,7 +240,7 @@ impl Shared {
                 config.backend.clone(),
                 self.id.clone(),
                 config.network.proxy.as_deref(),
-                self.spool.clone(),
+                spool.clone(),
                 self.status.clone(),
                 self.counters.clone(),
                 self.wake.clone(),
@@ -192,9 +251,14 @@ impl Shared {
         Ok((tx, tokio::spawn(relay.run(rx, DRAIN))))
     }
 
-    fn start_tenant(&self, config: &Config, tenant: &TenantConfig) -> Result<TenantRun> {
+    fn start_tenant(
+        &self,
+        spool: &Arc<Spool>,
+        config: &Config,
+        tenant: &TenantConfig,
+    ) -> Result<TenantRun> {
         let deps = m365_collector::Deps {
-            spool: self.spool.clone(),
+            spool: spool.clone(),
             status: self.status.clone(),
             counters: self.counters.clone(),
             relay_wake: self.wake.clone(),
@@ -211,14 +275,15 @@ impl Shared {
         })
     }
 
-    fn start(&self, config: Config) -> Result<Stages> {
-        let (relay_stop, relay) = self.start_relay(&config)?;
+    fn start(&self, spool: Arc<Spool>, config: Config) -> Result<Stages> {
+        let (relay_stop, relay) = self.start_relay(&spool, &config)?;
         let mut tenants = BTreeMap::new();
         for t in &config.tenants {
-            tenants.insert(t.name.clone(), self.start_tenant(&config, t)?);
+            tenants.insert(t.name.clone(), self.start_tenant(&spool, &config, t)?);
         }
         Ok(Stages {
             config,
+            spool,
             tenants,
             relay_stop,
             relay,
@@ -236,19 +301,28 @@ impl Shared {
 }
 
 impl Stages {
-    async fn stop(mut self) {
-        for (_, run) in std::mem::take(&mut self.tenants) {
-            run.stop().await;
+    /// Stops every collector and the relay at once; each gets [`STOP_GRACE`] (the relay's in-flight
+    /// batches [`DRAIN`] of it), then is aborted. Returns the spool.
+    async fn stop(mut self) -> Arc<Spool> {
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        for run in self.tenants.values() {
+            let _ = run.stop.send(true);
         }
         let _ = self.relay_stop.send(true);
-        let _ = self.relay.await;
+        for (_, run) in std::mem::take(&mut self.tenants) {
+            for t in run.tasks {
+                join_until(t, deadline, "a collector").await;
+            }
+        }
+        join_until(self.relay, deadline, "the relay").await;
+        self.spool
     }
 
     async fn restart_relay(&mut self, shared: &Shared, config: &Config) -> Result<()> {
         let _ = self.relay_stop.send(true);
         let old = std::mem::replace(&mut self.relay, tokio::spawn(async {}));
-        let _ = old.await;
-        let (stop, relay) = shared.start_relay(config)?;
+        join_until(old, tokio::time::Instant::now() + STOP_GRACE, "the relay").await;
+        let (stop, relay) = shared.start_relay(&self.spool, config)?;
         self.relay_stop = stop;
         self.relay = relay;
         Ok(())
@@ -267,7 +341,7 @@ impl Stages {
                 new.state_dir.display()
             );
         }
-        shared.spool.set_max_bytes(new.spool.max_bytes);
+        self.spool.set_max_bytes(new.spool.max_bytes);
         shared.clients.clear();
         let wanted: BTreeMap<&str, &TenantConfig> =
             new.tenants.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -295,7 +369,7 @@ impl Stages {
         for t in &new.tenants {
             if !self.tenants.contains_key(&t.name) {
                 self.tenants
-                    .insert(t.name.clone(), shared.start_tenant(&new, t)?);
+                    .insert(t.name.clone(), shared.start_tenant(&self.spool, &new, t)?);
             }
         }
         self.config = new;
@@ -329,13 +403,13 @@ impl Stages {
                 result = Err(format!("tenant `{tenant}` does not collect `{ct}`"));
                 break;
             }
-            if let Err(e) = shared.spool.rewind_cursor(&config.tenant_id, ct, from) {
+            if let Err(e) = self.spool.rewind_cursor(&config.tenant_id, ct, from) {
                 result = Err(format!("moving the cursor of {tenant}/{ct}: {e}"));
                 break;
             }
         }
         let restarted = shared
-            .start_tenant(&self.config, &config)
+            .start_tenant(&self.spool, &self.config, &config)
             .map_err(|e| format!("{e:#}"));
         match restarted {
             Ok(run) => {
@@ -381,6 +455,12 @@ pub enum Request {
         /// The answer.
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Set the spool aside (renamed to `<state_dir>/spool.damaged-<unix time>/`, kept, never deleted)
+    /// and start a fresh one. Replies with what the old one held.
+    ResetSpool {
+        /// The answer.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// What the agent loop publishes for the control task: the configuration in force, the managed state
@@ -407,10 +487,261 @@ fn effective(local: &Config, managed: &Managed) -> Result<Config, Vec<String>> {
     Ok(c)
 }
 
+/// Why the spool is not open, and when it is tried again.
+struct Down {
+    fault: Fault,
+    backoff: Duration,
+    retry_at: std::time::Instant,
+    last_probe: std::time::Instant,
+}
+
+/// The spool's life in the agent: open with its stages running, or down with the host fault that
+/// closed it. Invariant: `slot` holds the spool exactly while `live` does.
+struct Lifecycle {
+    shared: Shared,
+    state_dir: PathBuf,
+    slot: SpoolSlot,
+    live: Option<Stages>,
+    down: Option<Down>,
+}
+
+impl Lifecycle {
+    fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("spool")
+    }
+
+    /// Opens the spool of `config` and starts its stages. A host fault (the spool cannot be opened,
+    /// or the filesystem does not take a write) leaves it down with backoff; a configuration that
+    /// cannot start its stages is an error.
+    async fn open(&mut self, config: &Config) -> Result<bool> {
+        let dir = self.spool_dir();
+        let opts = SpoolOptions {
+            max_bytes: config.spool.max_bytes,
+            cache_bytes: config.spool.cache_bytes,
+            dedup_days: config.spool.dedup_days,
+        };
+        let d = dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let spool = Spool::open(&d, opts)?;
+            sensor_spool::fault::probe(&d)?;
+            Ok::<_, sensor_spool::SpoolError>(spool)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the spool: {e}"))?;
+        match opened {
+            Ok(spool) => {
+                let spool = Arc::new(spool);
+                let stages = self.shared.start(spool.clone(), config.clone())?;
+                *self.slot.write().unwrap_or_else(|p| p.into_inner()) = Some(spool.clone());
+                if let Some(down) = self.down.take() {
+                    log::info!(target: "spool", "the spool at {} is open again after {:?} ({}); collection and delivery resume", dir.display(), down.fault.kind, down.fault.detail);
+                }
+                self.shared.status.set("spool", State::Ok, None, None);
+                update_spool_state(&self.shared.status, &spool);
+                self.live = Some(stages);
+                Ok(true)
+            }
+            Err(e) => {
+                let fault = sensor_spool::fault::classify(&e, &dir);
+                self.set_down(config, fault);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Records `fault` (the spool is closed): the `spool` component names it, every collector shows
+    /// that it waits for the spool, and the next open is due after the backoff.
+    fn set_down(&mut self, config: &Config, fault: Fault) {
+        let backoff = match &self.down {
+            Some(d) => (d.backoff * 2).min(REOPEN_MAX),
+            None => REOPEN_MIN,
+        };
+        let state = fault.kind.state();
+        if self.shared.status.set(
+            "spool",
+            state,
+            Some(fault.error.clone()),
+            Some(fault.detail.clone()),
+        ) || self
+            .down
+            .as_ref()
+            .is_none_or(|d| d.fault.kind != fault.kind)
+        {
+            log::error!(target: "spool", state = state.name().as_str(), error = fault.error.as_str(); "the spool cannot work: {}; collection and delivery pause, the control plane keeps running; retrying in {backoff:?}", fault.detail);
+        }
+        for t in &config.tenants {
+            for ct in &t.content_types {
+                self.shared.status.set(
+                    &format!("tenant/{}/{ct}", t.name),
+                    State::SpoolUnavailable,
+                    None,
+                    Some(format!(
+                        "paused: the spool cannot write ({}): {}",
+                        state.name(),
+                        fault.detail
+                    )),
+                );
+            }
+        }
+        let now = std::time::Instant::now();
+        self.down = Some(Down {
+            fault,
+            backoff,
+            retry_at: now + backoff,
+            last_probe: now,
+        });
+    }
+
+    /// Stops the stages and closes the spool (bounded), leaving the slot empty. Returns the spool's
+    /// directory figures for a report.
+    async fn close(&mut self) {
+        let Some(stages) = self.live.take() else {
+            return;
+        };
+        *self.slot.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let spool = stages.stop().await;
+        let closing = tokio::task::spawn_blocking(move || {
+            let result = spool.close();
+            drop(spool);
+            result
+        });
+        match tokio::time::timeout(CLOSE_GRACE, closing).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                log::warn!(target: "spool", "closing the spool: {e} (what was committed is recovered at the next open)")
+            }
+            Ok(Err(e)) => log::warn!(target: "spool", "closing the spool: {e}"),
+            Err(_) => {
+                log::warn!(target: "spool", "closing the spool took over {CLOSE_GRACE:?}; left to finish (what was committed is recovered at the next open)")
+            }
+        }
+    }
+
+    /// One tick: an open spool with a noted host fault (or refusing commits) is closed and goes down;
+    /// a down spool is opened again once its backoff passed, or sooner when the filesystem takes a
+    /// write again.
+    async fn tick(&mut self, config: &Config) -> Result<()> {
+        if let Some(stages) = &self.live {
+            let spool = stages.spool.clone();
+            let fault = match spool.fault() {
+                Some(f) => Some(f),
+                None => tokio::task::block_in_place(|| spool.broken()).map(|why| {
+                    sensor_spool::fault::classify(
+                        &sensor_spool::SpoolError::Corrupt(why),
+                        spool.dir(),
+                    )
+                }),
+            };
+            if let Some(fault) = fault {
+                log::error!(target: "spool", "{}: {}; closing the spool to open it again", fault.detail, fault.error);
+                self.close().await;
+                self.set_down(config, fault);
+            }
+            return Ok(());
+        }
+        let Some(down) = &mut self.down else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        let mut due = now >= down.retry_at;
+        if !due
+            && matches!(down.fault.kind, FaultKind::DiskFull | FaultKind::ReadOnly)
+            && now.duration_since(down.last_probe) >= PROBE_EVERY
+        {
+            down.last_probe = now;
+            let dir = self.state_dir.clone();
+            due = tokio::task::spawn_blocking(move || sensor_spool::fault::probe(&dir).is_ok())
+                .await
+                .unwrap_or(false);
+        }
+        if due {
+            self.open(config).await?;
+        }
+        Ok(())
+    }
+
+    /// `reset_spool`: closes the spool, renames its directory to `spool.damaged-<unix time>` (kept for
+    /// forensics, never deleted) and opens a fresh one. Says what the old one held.
+    async fn reset(&mut self, config: &Config) -> Result<String, String> {
+        let held = self
+            .live
+            .as_ref()
+            .map(|s| {
+                let f = s.spool.figures();
+                format!(
+                    "{} records pending, {} quarantined item(s) (read from the open spool)",
+                    f.pending_records, f.quarantined_items
+                )
+            })
+            .or_else(|| {
+                self.down.as_ref().map(|d| {
+                    format!(
+                        "its records could not be read: {} ({})",
+                        d.fault.detail, d.fault.error
+                    )
+                })
+            })
+            .unwrap_or_default();
+        self.close().await;
+        let dir = self.spool_dir();
+        let aside = self.state_dir.join(format!(
+            "spool.damaged-{}",
+            time::OffsetDateTime::now_utc().unix_timestamp()
+        ));
+        let segments = std::fs::read_dir(dir.join("segments"))
+            .map(|rd| rd.flatten().count())
+            .unwrap_or(0);
+        let bytes = sensor_spool::disk_usage(&dir);
+        if dir.exists() {
+            if let Err(e) = std::fs::rename(&dir, &aside) {
+                let fault = sensor_spool::fault::classify(
+                    &sensor_spool::SpoolError::Io {
+                        path: dir.clone(),
+                        source: e,
+                    },
+                    &dir,
+                );
+                let msg = format!(
+                    "reset_spool: renaming {} to {}: {} ({})",
+                    dir.display(),
+                    aside.display(),
+                    fault.error,
+                    fault.detail
+                );
+                self.set_down(config, fault);
+                return Err(msg);
+            }
+        }
+        log::warn!(target: "spool", "reset_spool: {} set aside as {} ({bytes} bytes, {segments} segment file(s)); starting a fresh spool", dir.display(), aside.display());
+        self.down = None;
+        let opened = self
+            .open(config)
+            .await
+            .map_err(|e| format!("reset_spool: {e:#}"))?;
+        let report = format!(
+            "the old spool was set aside as {} (kept, not deleted): {bytes} bytes on disk, {segments} segment file(s), {held}",
+            aside.display()
+        );
+        if opened {
+            Ok(format!("{report}; a fresh spool is open: content is listed again from backfill_hours back and records the backend already holds may arrive again (same record Ids)"))
+        } else {
+            let why = self
+                .down
+                .as_ref()
+                .map(|d| format!("{} ({})", d.fault.detail, d.fault.error))
+                .unwrap_or_default();
+            Err(format!(
+                "{report}; the fresh spool cannot be opened yet: {why}; retried with backoff"
+            ))
+        }
+    }
+}
+
 /// Runs the agent of `local` (the validated local file) until `shutdown` turns true. Each message on
 /// `reload` re-reads `config_path` and applies it live; a configuration that fails validation is refused
 /// and the running one kept. The managed configuration persisted in the state directory is laid over the
-/// local file. `on_start` receives the handles once running.
+/// local file. `on_start` receives the handles once the spool first opens. A spool that cannot be
+/// opened or fails while running does not end the agent ([`Lifecycle`]).
 pub async fn run_agent(
     mut local: Config,
     config_path: Option<PathBuf>,
@@ -451,42 +782,34 @@ pub async fn run_agent(
             c
         }
     };
-    let spool = Arc::new(
-        Spool::open(
-            &state_dir.join("spool"),
-            SpoolOptions {
-                max_bytes: config.spool.max_bytes,
-                cache_bytes: config.spool.cache_bytes,
-                dedup_days: config.spool.dedup_days,
-            },
-        )
-        .context("opening the spool")?,
-    );
     log::info!(target: "agent", "m365-sensor {} starting: sensor id {id}, {} tenant(s), state {}", sensor_core::VERSION, config.tenants.len(), state_dir.display());
-    let shared = Shared {
-        id: id.clone(),
-        clients: Arc::default(),
-        spool: spool.clone(),
-        status: Arc::new(StatusBoard::default()),
-        counters: Arc::new(Counters::default()),
-        wake: Arc::new(Notify::new()),
+    let slot: SpoolSlot = Arc::default();
+    let mut life = Lifecycle {
+        shared: Shared {
+            id: id.clone(),
+            clients: Arc::default(),
+            status: Arc::new(StatusBoard::default()),
+            counters: Arc::new(Counters::default()),
+            wake: Arc::new(Notify::new()),
+        },
+        state_dir: state_dir.clone(),
+        slot: slot.clone(),
+        live: None,
+        down: None,
     };
-    let (status, counters) = (shared.status.clone(), shared.counters.clone());
-    let path = status_path(&state_dir);
-    let mut stages = shared.start(config.clone())?;
-    update_spool_state(&status, &spool);
-    on_start(AgentHandles {
-        counters: counters.clone(),
-        spool: spool.clone(),
-    });
+    let (status, counters) = (life.shared.status.clone(), life.shared.counters.clone());
+    let files = crate::status_cmd::StatusFiles::new(&state_dir);
+    let mut config = config;
+    life.open(&config).await?;
+    let mut on_start = Some(on_start);
     let published = Arc::new(std::sync::Mutex::new(Published {
-        config,
+        config: config.clone(),
         managed,
         config_status,
     }));
-    let publish = |stages: &Stages, managed: Option<Managed>, status: Option<ConfigStatus>| {
+    let publish = |config: &Config, managed: Option<Managed>, status: Option<ConfigStatus>| {
         let mut p = published.lock().unwrap_or_else(|p| p.into_inner());
-        p.config = stages.config.clone();
+        p.config = config.clone();
         if let Some(m) = managed {
             p.managed = m;
         }
@@ -504,18 +827,18 @@ pub async fn run_agent(
                 config_status: &p.config_status,
             },
             &status,
-            &spool,
+            spool_of(&slot).as_deref(),
             &counters,
         )
     };
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<Request>(8);
-    let control = tokio::spawn(crate::control::run(
+    let mut control = tokio::spawn(crate::control::run(
         crate::control::ControlContext {
             state_dir: state_dir.clone(),
             sensor_id: id.clone(),
             started,
             status: status.clone(),
-            spool: spool.clone(),
+            spool: slot.clone(),
             counters: counters.clone(),
             published: published.clone(),
             requests: requests_tx,
@@ -523,16 +846,24 @@ pub async fn run_agent(
         shutdown.clone(),
     ));
     let mut notifier = crate::sdnotify::Notifier::from_env();
-    notifier.ready(&format!(
-        "collecting {} tenant(s)",
-        stages.config.tenants.len()
-    ));
+    // READY also when the spool is down: the control plane runs, and systemd must not restart a
+    // device that waits for its disk.
+    notifier.ready(&format!("collecting {} tenant(s)", config.tenants.len()));
     let mut last_overall = None;
 
     let mut last_housekeeping = std::time::Instant::now();
-    let mut written: Option<(StatusDocument, std::time::Instant)> = None;
+    let mut writer = crate::status_cmd::StatusWriter::default();
     loop {
-        update_spool_state(&status, &spool);
+        life.tick(&config).await?;
+        if let Some(stages) = &life.live {
+            update_spool_state(&status, &stages.spool);
+            if let Some(f) = on_start.take() {
+                f(AgentHandles {
+                    counters: counters.clone(),
+                    spool: stages.spool.clone(),
+                });
+            }
+        }
         notifier.watchdog_tick();
         let doc = document();
         if last_overall != Some(doc.overall) {
@@ -545,31 +876,16 @@ pub async fn run_agent(
                 .to_lowercase(),
             );
         }
-        // Write when something changed, else every STATUS_REFRESH: fsyncs every second would wear flash.
-        let unchanged = written.as_ref().is_some_and(|(w, at)| {
-            w.components == doc.components
-                && w.spool == doc.spool
-                && w.counters == doc.counters
-                && w.config == doc.config
-                && at.elapsed() < STATUS_REFRESH
-        });
-        if !unchanged {
-            match serde_json::to_vec_pretty(&doc)
-                .map_err(std::io::Error::other)
-                .and_then(|json| write_atomic(&path, &json))
-            {
-                Ok(()) => written = Some((doc, std::time::Instant::now())),
-                Err(e) => log::warn!(target: "agent", "cannot write {}: {e}", path.display()),
-            }
-        }
+        writer.write(&files, doc);
         if last_housekeeping.elapsed() > Duration::from_secs(3600) {
             last_housekeeping = std::time::Instant::now();
-            let s = spool.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = s.expire_seen();
-                let _ = s.prune_done_marks();
-            })
-            .await;
+            if let Some(s) = spool_of(&slot) {
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = s.expire_seen();
+                    let _ = s.prune_done_marks();
+                })
+                .await;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -577,12 +893,12 @@ pub async fn run_agent(
             Some(req) = requests.recv() => match req {
                 Request::ApplyManaged { managed, reply } => {
                     let result = match effective(&local, &managed) {
-                        Ok(new) => match stages.apply(&shared, new).await {
+                        Ok(new) => match apply(&mut life, &mut config, new).await {
                             Ok(()) => match managed.save(&state_dir) {
                                 Ok(()) => {
-                                    sensor_control::managed::prune_credentials(&state_dir, &stages.config);
+                                    sensor_control::managed::prune_credentials(&state_dir, &config);
                                     let s = ConfigStatus { version: managed.version, refused_version: None, errors: Vec::new() };
-                                    publish(&stages, Some(managed), Some(s));
+                                    publish(&config, Some(managed), Some(s));
                                     Ok(())
                                 }
                                 Err(e) => Err(vec![format!("applied but not persisted: {e}")]),
@@ -591,15 +907,32 @@ pub async fn run_agent(
                         },
                         Err(problems) => Err(problems),
                     };
-                    publish(&stages, None, None);
+                    publish(&config, None, None);
                     let _ = reply.send(result);
                 }
                 Request::Resync { tenant, content_types, from, reply } => {
-                    let _ = reply.send(stages.resync(&shared, &tenant, &content_types, from).await);
+                    let result = match (&mut life.live, &life.down) {
+                        (Some(stages), _) => stages.resync(&life.shared, &tenant, &content_types, from).await,
+                        (None, down) => Err(format!(
+                            "resync: the spool is not open ({}); send it again once the spool component is ok",
+                            down.as_ref().map(|d| d.fault.detail.as_str()).unwrap_or("not yet opened")
+                        )),
+                    };
+                    let _ = reply.send(result);
                 }
                 Request::RestartRelay { reply } => {
-                    let config = stages.config.clone();
-                    let _ = reply.send(stages.restart_relay(&shared, &config).await.map_err(|e| format!("{e:#}")));
+                    let result = match &mut life.live {
+                        Some(stages) => {
+                            let c = stages.config.clone();
+                            stages.restart_relay(&life.shared, &c).await.map_err(|e| format!("{e:#}"))
+                        }
+                        // The relay starts with the renewed certificate once the spool opens.
+                        None => Ok(()),
+                    };
+                    let _ = reply.send(result);
+                }
+                Request::ResetSpool { reply } => {
+                    let _ = reply.send(life.reset(&config).await);
                 }
             },
             Some(()) = reload.recv() => {
@@ -609,10 +942,10 @@ pub async fn run_agent(
                         Ok(new_local) => {
                             let m = published.lock().unwrap_or_else(|p| p.into_inner()).managed.clone();
                             match effective(&new_local, &m) {
-                                Ok(new) => match stages.apply(&shared, new).await {
+                                Ok(new) => match apply(&mut life, &mut config, new).await {
                                     Ok(()) => {
                                         local = new_local;
-                                        publish(&stages, None, None);
+                                        publish(&config, None, None);
                                         log::info!(target: "agent", "configuration {} reloaded", p.display());
                                     }
                                     Err(e) => log::error!(target: "agent", "configuration {} not applied: {e:#}", p.display()),
@@ -622,7 +955,7 @@ pub async fn run_agent(
                         }
                         Err(e) => log::error!(target: "agent", "configuration refused, the running one is kept: {e}"),
                     }
-                    notifier.ready(&format!("collecting {} tenant(s)", stages.config.tenants.len()));
+                    notifier.ready(&format!("collecting {} tenant(s)", config.tenants.len()));
                 }
             }
         }
@@ -631,15 +964,40 @@ pub async fn run_agent(
         }
     }
     notifier.stopping();
+    let stopping = std::time::Instant::now();
     log::info!(target: "agent", "shutting down: stopping collectors, draining in-flight batches");
-    let _ = control.await;
-    stages.stop().await;
-    spool.close().context("closing the spool")?;
-    let doc = document();
-    if let Ok(json) = serde_json::to_vec_pretty(&doc) {
-        let _ = write_atomic(&path, &json);
+    // The control task and the stages stop side by side: the whole stop takes the longest grace.
+    let control_stopped = async {
+        if tokio::time::timeout(CONTROL_GRACE, &mut control)
+            .await
+            .is_err()
+        {
+            log::warn!(target: "agent", "the control task did not stop within {CONTROL_GRACE:?}; aborted");
+            control.abort();
+        }
+    };
+    tokio::join!(control_stopped, life.close());
+    writer.write_final(&files, document());
+    log::info!(target: "agent", "stopped cleanly in {} ms", stopping.elapsed().as_millis());
+    Ok(())
+}
+
+/// Applies `new` live: to the running stages when the spool is open, else only as the configuration
+/// the stages start with once it opens (a state directory change still needs a restart).
+async fn apply(life: &mut Lifecycle, config: &mut Config, new: Config) -> Result<()> {
+    if new.state_dir != config.state_dir {
+        anyhow::bail!(
+            "state_dir changed from {} to {}: restart the agent to move its state",
+            config.state_dir.display(),
+            new.state_dir.display()
+        );
     }
-    log::info!(target: "agent", "stopped cleanly");
+    if let Some(stages) = &mut life.live {
+        stages.apply(&life.shared, new.clone()).await?;
+    } else {
+        life.shared.clients.clear();
+    }
+    *config = new;
     Ok(())
 }
 
