@@ -10,6 +10,7 @@ mod enroll_cmd;
 mod harden;
 mod logging;
 mod sdnotify;
+mod stages;
 mod status_cmd;
 mod update_cmd;
 

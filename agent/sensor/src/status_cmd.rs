@@ -133,7 +133,14 @@ impl StatusWriter {
 /// the persisted copy, with the path it was read from. A runtime copy of another state directory is
 /// skipped.
 pub fn read_newest(state_dir: &Path) -> Result<(StatusDocument, PathBuf), String> {
-    let files = StatusFiles::new(state_dir);
+    read_newest_of(&StatusFiles::new(state_dir), state_dir)
+}
+
+/// [`read_newest`] over `files`.
+fn read_newest_of(
+    files: &StatusFiles,
+    state_dir: &Path,
+) -> Result<(StatusDocument, PathBuf), String> {
     let mut errors = Vec::new();
     let mut found: Vec<(StatusDocument, PathBuf)> = Vec::new();
     // The runtime copy last: of two copies equally new, it is the one shown.
@@ -229,5 +236,60 @@ fn word(s: Severity) -> &'static str {
         Severity::Ok => "OK",
         Severity::Degraded => "DEGRADED",
         Severity::Failed => "FAILED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(updated_at: &str, state_dir: &str, pid: u32) -> StatusDocument {
+        StatusDocument {
+            overall: Severity::Ok,
+            sensor_id: "s".into(),
+            version: "v".into(),
+            arch: "a".into(),
+            updated_at: updated_at.into(),
+            components: Default::default(),
+            spool: Default::default(),
+            counters: Default::default(),
+            pid,
+            uptime_secs: 0,
+            config: Default::default(),
+            tenants: Default::default(),
+            state_dir: Some(state_dir.into()),
+        }
+    }
+
+    #[test]
+    fn the_newer_copy_is_shown_and_another_agents_runtime_copy_never() {
+        let root = std::env::temp_dir().join(format!("status-files-{}", uuid::Uuid::new_v4()));
+        let state = root.join("state");
+        let files = StatusFiles {
+            runtime: Some(root.join("run/status.json")),
+            persisted: state.join("status.json"),
+        };
+        let here = state.display().to_string();
+        let mut w = StatusWriter::default();
+        w.write_final(&files, doc("2026-01-01T00:00:00Z", &here, 1));
+        // The state filesystem "fills": only the runtime copy moves on.
+        let newer = doc("2026-01-01T00:05:00Z", &here, 2);
+        write_doc(
+            files.runtime.as_deref().expect("runtime"),
+            &newer,
+            &mut None,
+        );
+        let (shown, from) = read_newest_of(&files, &state).expect("a status");
+        assert_eq!((shown.pid, from), (2, root.join("run/status.json")));
+        // A runtime copy written for another state directory is skipped, however new.
+        let other = doc("2026-01-01T00:09:00Z", "/elsewhere", 3);
+        write_doc(
+            files.runtime.as_deref().expect("runtime"),
+            &other,
+            &mut None,
+        );
+        let (shown, from) = read_newest_of(&files, &state).expect("a status");
+        assert_eq!((shown.pid, from), (1, files.persisted.clone()));
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
