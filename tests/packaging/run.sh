@@ -68,7 +68,7 @@ fi
 unit_has() { grep -qx "$1" "$UNIT"; }
 for line in "Type=notify" "NotifyAccess=main" "WatchdogSec=60" "ExecStart=/usr/bin/m365-sensor run --config /etc/m365-sensor/sensor.toml" \
     "User=m365-sensor" "StateDirectory=m365-sensor" "StateDirectoryMode=0700" "Restart=on-failure" \
-    "KillSignal=SIGTERM" "TimeoutStopSec=30"; do
+    "KillSignal=SIGTERM" "TimeoutStopSec=10" "RuntimeDirectory=m365-sensor"; do
     check "unit has $line" unit_has "$line"
 done
 verify_out=$(systemd-analyze verify "$UNIT" 2>&1 | grep -v 'is not executable' || true)

@@ -28,10 +28,16 @@ pub const NEW_SECRET_GRACE: Duration = Duration::from_secs(120);
 /// How long a lost window keeps the component in `content_expired`.
 const LOSS_REPORT_SECS: u64 = 24 * 3600;
 
+/// How long a collector waits after the spool failed before it tries again (the agent reopens the
+/// spool meanwhile; the spool component says why).
+const SPOOL_RETRY: Duration = Duration::from_secs(5);
+
 /// What stopped a cycle early.
 enum Stop {
     Shutdown,
     Error(ApiError),
+    /// The spool failed: a host fault (`sensor_spool::fault`), never Microsoft's.
+    Spool(sensor_spool::SpoolError),
 }
 
 impl From<ApiError> for Stop {
@@ -42,10 +48,7 @@ impl From<ApiError> for Stop {
 
 impl From<sensor_spool::SpoolError> for Stop {
     fn from(e: sensor_spool::SpoolError) -> Self {
-        Stop::Error(ApiError::BadResponse {
-            what: "spool",
-            text: e.to_string(),
-        })
+        Stop::Spool(e)
     }
 }
 
@@ -93,6 +96,10 @@ impl Collector {
                     poll
                 }
                 Err(Stop::Shutdown) => return,
+                Err(Stop::Spool(e)) => {
+                    self.report_spool_error(&e);
+                    SPOOL_RETRY
+                }
                 Err(Stop::Error(e)) => {
                     self.consecutive_errors = self.consecutive_errors.saturating_add(1);
                     self.report_error(&e);
@@ -448,6 +455,20 @@ impl Collector {
         } else {
             self.set(State::Ok, None, None);
         }
+    }
+
+    /// A spool error: classified once (`sensor_spool::fault::classify`), noted on the spool (whose
+    /// component the agent sets from it) and shown here as a pause that points at the spool.
+    fn report_spool_error(&mut self, e: &sensor_spool::SpoolError) {
+        let fault = sensor_spool::fault::classify(e, self.t.spool.dir());
+        let detail = format!(
+            "paused: the spool cannot write ({}): {}",
+            fault.kind.state().name(),
+            fault.detail
+        );
+        let error = fault.error.clone();
+        self.t.spool.note_fault(fault);
+        self.set(State::SpoolUnavailable, Some(error), Some(detail));
     }
 
     fn report_error(&mut self, e: &ApiError) {

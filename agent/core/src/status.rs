@@ -52,6 +52,18 @@ pub enum State {
     SpoolFull,
     /// Items are held in quarantine.
     Quarantined,
+    /// The filesystem under the state directory is full (ENOSPC): not the spool's own cap.
+    DiskFull,
+    /// The filesystem under the state directory is read-only (EROFS).
+    DiskReadOnly,
+    /// The disk failed a read or a write (EIO) on a named file.
+    DiskError,
+    /// The spool's files are damaged: what was found, where.
+    SpoolDamaged,
+    /// Another process holds the spool's lock.
+    SpoolLocked,
+    /// A collector waits for the spool, which cannot write (its state is on the `spool` component).
+    SpoolUnavailable,
 }
 
 /// How bad a state is; the overall status is the worst.
@@ -84,11 +96,10 @@ impl State {
         match self {
             Ok | Starting | WaitingForFirstContent => Severity::Ok,
             SecretExpiring | Throttled | ContentExpired | SpoolHigh | Quarantined
-            | BackendUnreachable => Severity::Degraded,
+            | BackendUnreachable | SpoolUnavailable => Severity::Degraded,
             AuditDisabled | SubscriptionDisabled | CredentialsInvalid | SecretExpired
-            | ConsentMissing | WrongCloud | ApiUnreachable | BackendAuthFailed | SpoolFull => {
-                Severity::Failed
-            }
+            | ConsentMissing | WrongCloud | ApiUnreachable | BackendAuthFailed | SpoolFull
+            | DiskFull | DiskReadOnly | DiskError | SpoolDamaged | SpoolLocked => Severity::Failed,
         }
     }
 
@@ -121,6 +132,12 @@ impl State {
             SpoolHigh => "The spool is filling because the backend does not accept data; restore the backend link before the spool fills.",
             SpoolFull => "Collection is paused (nothing is dropped; Microsoft keeps content 7 days): restore the backend link or raise spool.max_bytes.",
             Quarantined => "Some items were held aside; collect diagnostics and send them to support.",
+            DiskFull => "Free space on the filesystem named in the detail (or grow it); collection and delivery resume by themselves within a minute. Nothing is dropped: Microsoft keeps content 7 days.",
+            DiskReadOnly => "The filesystem named in the detail is read-only (often remounted so by the kernel after a disk error): check the kernel log, run fsck, remount it read-write; the sensor resumes by itself.",
+            DiskError => "The disk failed on the file named in the detail: check the kernel log and the disk's health (smartctl), replace the disk if it keeps failing; the sensor retries by itself.",
+            SpoolDamaged => "The spool's files are damaged where the detail says: send the `reset_spool` command to set the spool aside (kept for forensics) and start a fresh one; content not yet delivered is listed again from Microsoft's 7-day retention.",
+            SpoolLocked => "Another m365-sensor uses the same state directory: stop it; this one opens the spool by itself once it is free.",
+            SpoolUnavailable => "Nothing to do here: the spool component says what stops it; collection resumes by itself once the spool can write.",
         }
     }
 }
@@ -193,6 +210,10 @@ pub struct StatusDocument {
     /// Per tenant (by name): how far behind the newest spooled content is.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantFigures>,
+    /// The state directory of the agent that wrote it (`status` matches it against its configuration
+    /// when it reads the copy in the runtime directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
 }
 
 /// Where the managed configuration stands.

@@ -1,27 +1,38 @@
 //! `m365-sensor run`: wires the spool, the collectors, the relay and the status writer, and shuts them
-//! down in order. Invariant: on SIGTERM/SIGINT collectors stop between durable steps, in-flight batches get
-//! a bounded drain, and the spool is flushed and fsynced before exit 0.
+//! down in order. Invariants: on SIGTERM/SIGINT collectors stop between durable steps, in-flight batches
+//! get a bounded drain, the spool is flushed and fsynced, and the agent exits 0 within a few seconds
+//! whatever the network, the disk or the clock does (every wait in the stop path is bounded: a stage
+//! still running after its grace is aborted, which loses nothing since each commit is atomic and each
+//! batch is resent with its key). A host fault under the spool (a full, read-only or failing
+//! filesystem, damaged spool files) never ends the agent: the control plane runs without the spool,
+//! the `spool` component names the fault, and the spool is reopened with backoff until it works (`stages.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result};
 use sensor_control::identity::Identity;
 use sensor_control::managed::Managed;
-use sensor_core::config::{Config, TenantConfig};
+use sensor_core::config::Config;
 use sensor_core::counters::Counters;
-use sensor_core::status::{ConfigStatus, SpoolFigures, State, StatusBoard, StatusDocument};
-use sensor_spool::{Spool, SpoolOptions};
+use sensor_core::status::{ConfigStatus, SpoolFigures, StatusBoard, StatusDocument};
+use sensor_spool::Spool;
 use tokio::sync::{oneshot, watch, Notify};
 
-/// How often an unchanged status document is rewritten (its `updated_at` shows the agent is alive).
-const STATUS_REFRESH: Duration = Duration::from_secs(30);
+use crate::stages::{apply, update_spool_state, Lifecycle, Shared};
 
-/// How long in-flight batches may take at shutdown.
-const DRAIN: Duration = Duration::from_secs(10);
+/// How long the control task gets to finish at shutdown (a heartbeat in flight) before it is aborted.
+const CONTROL_GRACE: Duration = Duration::from_secs(1);
+
+/// Where the open spool is published for the control task: `None` while it cannot be opened. Invariant:
+/// the lock is never held across `.await`, and a faulted spool is taken out before it is reopened.
+pub type SpoolSlot = Arc<std::sync::RwLock<Option<Arc<Spool>>>>;
+
+/// The spool in `slot`, if open.
+pub fn spool_of(slot: &SpoolSlot) -> Option<Arc<Spool>> {
+    slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 /// Everything a running agent exposes to its embedder (the demo's progress line).
 #[derive(Clone)]
@@ -69,15 +80,33 @@ pub struct DocContext<'a> {
     pub config_status: &'a ConfigStatus,
 }
 
-/// The status document of now (what `status --json` prints and the heartbeat sends).
+/// The status document of now (what `status --json` prints and the heartbeat sends). Without an open
+/// spool its figures are zero but `max_bytes`, and the `spool` component says why.
 pub fn status_document(
     ctx: &DocContext<'_>,
     status: &StatusBoard,
-    spool: &Spool,
+    spool: Option<&Spool>,
     counters: &Counters,
 ) -> StatusDocument {
-    let f = spool.figures();
     let now = time::OffsetDateTime::now_utc();
+    let spool_figures = match spool {
+        Some(spool) => {
+            let f = spool.figures();
+            SpoolFigures {
+                records: f.pending_records,
+                bytes: f.stored_bytes,
+                raw_bytes: f.pending_raw_bytes,
+                max_bytes: spool.max_bytes(),
+                disk_bytes: spool.used_bytes(),
+                quarantined: f.quarantined_items,
+                batches: spool.pending_batches().map(|b| b.len() as u64).unwrap_or(0),
+            }
+        }
+        None => SpoolFigures {
+            max_bytes: ctx.config.spool.max_bytes,
+            ..SpoolFigures::default()
+        },
+    };
     StatusDocument {
         overall: status.overall(),
         sensor_id: ctx.sensor_id.to_string(),
@@ -85,15 +114,7 @@ pub fn status_document(
         arch: std::env::consts::ARCH.to_string(),
         updated_at: sensor_core::timefmt::rfc3339(now),
         components: status.components(),
-        spool: SpoolFigures {
-            records: f.pending_records,
-            bytes: f.stored_bytes,
-            raw_bytes: f.pending_raw_bytes,
-            max_bytes: spool.max_bytes(),
-            disk_bytes: spool.used_bytes(),
-            quarantined: f.quarantined_items,
-            batches: spool.pending_batches().map(|b| b.len() as u64).unwrap_or(0),
-        },
+        spool: spool_figures,
         counters: counters.snapshot(),
         pid: std::process::id(),
         uptime_secs: ctx.started.elapsed().as_secs(),
@@ -102,256 +123,7 @@ pub fn status_document(
             ctx.config.tenants.iter().map(|t| t.name.as_str()),
             now.unix_timestamp(),
         ),
-    }
-}
-
-fn update_spool_state(status: &StatusBoard, spool: &Spool) {
-    let f = spool.figures();
-    let ratio = spool.fill_ratio();
-    let detail = Some(format!(
-        "{} records, {} of {} on disk",
-        f.pending_records,
-        sensor_relay::human_bytes(spool.used_bytes()),
-        sensor_relay::human_bytes(spool.max_bytes())
-    ));
-    let state = if spool.is_full() {
-        State::SpoolFull
-    } else if ratio >= 0.8 && f.pending_records > 0 {
-        State::SpoolHigh
-    } else {
-        State::Ok
-    };
-    if status.set("spool", state, None, detail) && state != State::Ok {
-        log::warn!(target: "spool", "spool state {state:?}: {}", f.stored_bytes);
-    }
-    if f.quarantined_items > 0 {
-        status.set(
-            "quarantine",
-            State::Quarantined,
-            None,
-            Some(format!(
-                "{} item(s) held in quarantine",
-                f.quarantined_items
-            )),
-        );
-    }
-}
-
-/// The collectors of one tenant.
-struct TenantRun {
-    config: TenantConfig,
-    stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl TenantRun {
-    /// Stops the tenant's collectors between durable steps and waits for them.
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-    }
-}
-
-/// The collectors (per tenant) and the relay of the configuration in force, each stoppable on its own.
-struct Stages {
-    config: Config,
-    tenants: BTreeMap<String, TenantRun>,
-    relay_stop: watch::Sender<bool>,
-    relay: tokio::task::JoinHandle<()>,
-}
-
-struct Shared {
-    id: String,
-    clients: Arc<m365_collector::HttpClients>,
-    spool: Arc<Spool>,
-    status: Arc<StatusBoard>,
-    counters: Arc<Counters>,
-    wake: Arc<Notify>,
-}
-
-impl Shared {
-    fn start_relay(
-        &self,
-        config: &Config,
-    ) -> Result<(watch::Sender<bool>, tokio::task::JoinHandle<()>)> {
-        let relay = Arc::new(
-            sensor_relay::Relay::new(
-                config.backend.clone(),
-                self.id.clone(),
-                config.network.proxy.as_deref(),
-                self.spool.clone(),
-                self.status.clone(),
-                self.counters.clone(),
-                self.wake.clone(),
-            )
-            .context("starting the relay")?,
-        );
-        let (tx, rx) = watch::channel(false);
-        Ok((tx, tokio::spawn(relay.run(rx, DRAIN))))
-    }
-
-    fn start_tenant(&self, config: &Config, tenant: &TenantConfig) -> Result<TenantRun> {
-        let deps = m365_collector::Deps {
-            spool: self.spool.clone(),
-            status: self.status.clone(),
-            counters: self.counters.clone(),
-            relay_wake: self.wake.clone(),
-            proxy: config.network.proxy.clone(),
-            clients: self.clients.clone(),
-        };
-        let (stop, rx) = watch::channel(false);
-        let tasks = m365_collector::start_tenant(tenant.clone(), &deps, rx)
-            .with_context(|| format!("starting tenant {}", tenant.name))?;
-        Ok(TenantRun {
-            config: tenant.clone(),
-            stop,
-            tasks,
-        })
-    }
-
-    fn start(&self, config: Config) -> Result<Stages> {
-        let (relay_stop, relay) = self.start_relay(&config)?;
-        let mut tenants = BTreeMap::new();
-        for t in &config.tenants {
-            tenants.insert(t.name.clone(), self.start_tenant(&config, t)?);
-        }
-        Ok(Stages {
-            config,
-            tenants,
-            relay_stop,
-            relay,
-        })
-    }
-
-    fn forget_components(&self, tenant: &str) {
-        let prefix = format!("tenant/{tenant}/");
-        for component in self.status.components().keys() {
-            if component.starts_with(&prefix) {
-                self.status.remove(component);
-            }
-        }
-    }
-}
-
-impl Stages {
-    async fn stop(mut self) {
-        for (_, run) in std::mem::take(&mut self.tenants) {
-            run.stop().await;
-        }
-        let _ = self.relay_stop.send(true);
-        let _ = self.relay.await;
-    }
-
-    async fn restart_relay(&mut self, shared: &Shared, config: &Config) -> Result<()> {
-        let _ = self.relay_stop.send(true);
-        let old = std::mem::replace(&mut self.relay, tokio::spawn(async {}));
-        let _ = old.await;
-        let (stop, relay) = shared.start_relay(config)?;
-        self.relay_stop = stop;
-        self.relay = relay;
-        Ok(())
-    }
-
-    /// Applies `new` live. A removed tenant stops between durable steps (what it has committed stays
-    /// spooled and is delivered); a changed tenant restarts with its new settings (a blob not yet
-    /// committed is fetched again and deduplicated, so nothing is lost or duplicated); an added one
-    /// starts; unchanged tenants keep running. The relay restarts only when the backend settings changed
-    /// (batches in flight stay spooled and keep their keys). A state directory change needs a restart.
-    async fn apply(&mut self, shared: &Shared, new: Config) -> Result<()> {
-        if new.state_dir != self.config.state_dir {
-            anyhow::bail!(
-                "state_dir changed from {} to {}: restart the agent to move its state",
-                self.config.state_dir.display(),
-                new.state_dir.display()
-            );
-        }
-        shared.spool.set_max_bytes(new.spool.max_bytes);
-        shared.clients.clear();
-        let wanted: BTreeMap<&str, &TenantConfig> =
-            new.tenants.iter().map(|t| (t.name.as_str(), t)).collect();
-        let proxy_changed = new.network != self.config.network;
-        let stale: Vec<String> = self
-            .tenants
-            .iter()
-            .filter(|(name, run)| {
-                proxy_changed || wanted.get(name.as_str()).is_none_or(|t| **t != run.config)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            if let Some(run) = self.tenants.remove(&name) {
-                run.stop().await;
-            }
-            shared.forget_components(&name);
-            if !wanted.contains_key(name.as_str()) {
-                log::info!(target: "agent", tenant = name.as_str(); "tenant removed; what it spooled is still delivered");
-            }
-        }
-        if new.backend != self.config.backend || proxy_changed {
-            self.restart_relay(shared, &new).await?;
-        }
-        for t in &new.tenants {
-            if !self.tenants.contains_key(&t.name) {
-                self.tenants
-                    .insert(t.name.clone(), shared.start_tenant(&new, t)?);
-            }
-        }
-        self.config = new;
-        Ok(())
-    }
-
-    /// Moves the listing cursor of `tenant`'s `content_types` back to `from` (Unix seconds), with the
-    /// tenant's collectors stopped, then restarts them: the window is listed again, done blobs are
-    /// skipped and seen records dropped.
-    async fn resync(
-        &mut self,
-        shared: &Shared,
-        tenant: &str,
-        content_types: &[String],
-        from: i64,
-    ) -> Result<String, String> {
-        let run = self
-            .tenants
-            .remove(tenant)
-            .ok_or_else(|| format!("no tenant named `{tenant}` is configured"))?;
-        let config = run.config.clone();
-        run.stop().await;
-        let types: Vec<String> = if content_types.is_empty() {
-            config.content_types.clone()
-        } else {
-            content_types.to_vec()
-        };
-        let mut result = Ok(String::new());
-        for ct in &types {
-            if !config.content_types.contains(ct) {
-                result = Err(format!("tenant `{tenant}` does not collect `{ct}`"));
-                break;
-            }
-            if let Err(e) = shared.spool.rewind_cursor(&config.tenant_id, ct, from) {
-                result = Err(format!("moving the cursor of {tenant}/{ct}: {e}"));
-                break;
-            }
-        }
-        let restarted = shared
-            .start_tenant(&self.config, &config)
-            .map_err(|e| format!("{e:#}"));
-        match restarted {
-            Ok(run) => {
-                self.tenants.insert(tenant.to_string(), run);
-            }
-            Err(e) => return Err(e),
-        }
-        result.map(|_| {
-            format!(
-                "re-listing {tenant} {} from {}",
-                types.join(", "),
-                time::OffsetDateTime::from_unix_timestamp(from)
-                    .map(sensor_core::timefmt::rfc3339)
-                    .unwrap_or_default()
-            )
-        })
+        state_dir: Some(ctx.config.state_dir.display().to_string()),
     }
 }
 
@@ -380,6 +152,12 @@ pub enum Request {
     RestartRelay {
         /// The answer.
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Set the spool aside (renamed to `<state_dir>/spool.damaged-<unix time>/`, kept, never deleted)
+    /// and start a fresh one. Replies with what the old one held.
+    ResetSpool {
+        /// The answer.
+        reply: oneshot::Sender<Result<String, String>>,
     },
 }
 
@@ -410,7 +188,8 @@ fn effective(local: &Config, managed: &Managed) -> Result<Config, Vec<String>> {
 /// Runs the agent of `local` (the validated local file) until `shutdown` turns true. Each message on
 /// `reload` re-reads `config_path` and applies it live; a configuration that fails validation is refused
 /// and the running one kept. The managed configuration persisted in the state directory is laid over the
-/// local file. `on_start` receives the handles once running.
+/// local file. `on_start` receives the handles once the spool first opens. A spool that cannot be
+/// opened or fails while running does not end the agent ([`Lifecycle`]).
 pub async fn run_agent(
     mut local: Config,
     config_path: Option<PathBuf>,
@@ -451,42 +230,34 @@ pub async fn run_agent(
             c
         }
     };
-    let spool = Arc::new(
-        Spool::open(
-            &state_dir.join("spool"),
-            SpoolOptions {
-                max_bytes: config.spool.max_bytes,
-                cache_bytes: config.spool.cache_bytes,
-                dedup_days: config.spool.dedup_days,
-            },
-        )
-        .context("opening the spool")?,
-    );
     log::info!(target: "agent", "m365-sensor {} starting: sensor id {id}, {} tenant(s), state {}", sensor_core::VERSION, config.tenants.len(), state_dir.display());
-    let shared = Shared {
-        id: id.clone(),
-        clients: Arc::default(),
-        spool: spool.clone(),
-        status: Arc::new(StatusBoard::default()),
-        counters: Arc::new(Counters::default()),
-        wake: Arc::new(Notify::new()),
+    let slot: SpoolSlot = Arc::default();
+    let mut life = Lifecycle {
+        shared: Shared {
+            id: id.clone(),
+            clients: Arc::default(),
+            status: Arc::new(StatusBoard::default()),
+            counters: Arc::new(Counters::default()),
+            wake: Arc::new(Notify::new()),
+        },
+        state_dir: state_dir.clone(),
+        slot: slot.clone(),
+        live: None,
+        down: None,
     };
-    let (status, counters) = (shared.status.clone(), shared.counters.clone());
-    let path = status_path(&state_dir);
-    let mut stages = shared.start(config.clone())?;
-    update_spool_state(&status, &spool);
-    on_start(AgentHandles {
-        counters: counters.clone(),
-        spool: spool.clone(),
-    });
+    let (status, counters) = (life.shared.status.clone(), life.shared.counters.clone());
+    let files = crate::status_cmd::StatusFiles::new(&state_dir);
+    let mut config = config;
+    life.open(&config).await?;
+    let mut on_start = Some(on_start);
     let published = Arc::new(std::sync::Mutex::new(Published {
-        config,
+        config: config.clone(),
         managed,
         config_status,
     }));
-    let publish = |stages: &Stages, managed: Option<Managed>, status: Option<ConfigStatus>| {
+    let publish = |config: &Config, managed: Option<Managed>, status: Option<ConfigStatus>| {
         let mut p = published.lock().unwrap_or_else(|p| p.into_inner());
-        p.config = stages.config.clone();
+        p.config = config.clone();
         if let Some(m) = managed {
             p.managed = m;
         }
@@ -504,18 +275,18 @@ pub async fn run_agent(
                 config_status: &p.config_status,
             },
             &status,
-            &spool,
+            spool_of(&slot).as_deref(),
             &counters,
         )
     };
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<Request>(8);
-    let control = tokio::spawn(crate::control::run(
+    let mut control = tokio::spawn(crate::control::run(
         crate::control::ControlContext {
             state_dir: state_dir.clone(),
             sensor_id: id.clone(),
             started,
             status: status.clone(),
-            spool: spool.clone(),
+            spool: slot.clone(),
             counters: counters.clone(),
             published: published.clone(),
             requests: requests_tx,
@@ -523,16 +294,24 @@ pub async fn run_agent(
         shutdown.clone(),
     ));
     let mut notifier = crate::sdnotify::Notifier::from_env();
-    notifier.ready(&format!(
-        "collecting {} tenant(s)",
-        stages.config.tenants.len()
-    ));
+    // READY also when the spool is down: the control plane runs, and systemd must not restart a
+    // device that waits for its disk.
+    notifier.ready(&format!("collecting {} tenant(s)", config.tenants.len()));
     let mut last_overall = None;
 
     let mut last_housekeeping = std::time::Instant::now();
-    let mut written: Option<(StatusDocument, std::time::Instant)> = None;
+    let mut writer = crate::status_cmd::StatusWriter::default();
     loop {
-        update_spool_state(&status, &spool);
+        life.tick(&config).await?;
+        if let Some(stages) = &life.live {
+            update_spool_state(&status, &stages.spool);
+            if let Some(f) = on_start.take() {
+                f(AgentHandles {
+                    counters: counters.clone(),
+                    spool: stages.spool.clone(),
+                });
+            }
+        }
         notifier.watchdog_tick();
         let doc = document();
         if last_overall != Some(doc.overall) {
@@ -545,31 +324,16 @@ pub async fn run_agent(
                 .to_lowercase(),
             );
         }
-        // Write when something changed, else every STATUS_REFRESH: fsyncs every second would wear flash.
-        let unchanged = written.as_ref().is_some_and(|(w, at)| {
-            w.components == doc.components
-                && w.spool == doc.spool
-                && w.counters == doc.counters
-                && w.config == doc.config
-                && at.elapsed() < STATUS_REFRESH
-        });
-        if !unchanged {
-            match serde_json::to_vec_pretty(&doc)
-                .map_err(std::io::Error::other)
-                .and_then(|json| write_atomic(&path, &json))
-            {
-                Ok(()) => written = Some((doc, std::time::Instant::now())),
-                Err(e) => log::warn!(target: "agent", "cannot write {}: {e}", path.display()),
-            }
-        }
+        writer.write(&files, doc);
         if last_housekeeping.elapsed() > Duration::from_secs(3600) {
             last_housekeeping = std::time::Instant::now();
-            let s = spool.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = s.expire_seen();
-                let _ = s.prune_done_marks();
-            })
-            .await;
+            if let Some(s) = spool_of(&slot) {
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = s.expire_seen();
+                    let _ = s.prune_done_marks();
+                })
+                .await;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -577,12 +341,12 @@ pub async fn run_agent(
             Some(req) = requests.recv() => match req {
                 Request::ApplyManaged { managed, reply } => {
                     let result = match effective(&local, &managed) {
-                        Ok(new) => match stages.apply(&shared, new).await {
+                        Ok(new) => match apply(&mut life, &mut config, new).await {
                             Ok(()) => match managed.save(&state_dir) {
                                 Ok(()) => {
-                                    sensor_control::managed::prune_credentials(&state_dir, &stages.config);
+                                    sensor_control::managed::prune_credentials(&state_dir, &config);
                                     let s = ConfigStatus { version: managed.version, refused_version: None, errors: Vec::new() };
-                                    publish(&stages, Some(managed), Some(s));
+                                    publish(&config, Some(managed), Some(s));
                                     Ok(())
                                 }
                                 Err(e) => Err(vec![format!("applied but not persisted: {e}")]),
@@ -591,15 +355,32 @@ pub async fn run_agent(
                         },
                         Err(problems) => Err(problems),
                     };
-                    publish(&stages, None, None);
+                    publish(&config, None, None);
                     let _ = reply.send(result);
                 }
                 Request::Resync { tenant, content_types, from, reply } => {
-                    let _ = reply.send(stages.resync(&shared, &tenant, &content_types, from).await);
+                    let result = match (&mut life.live, &life.down) {
+                        (Some(stages), _) => stages.resync(&life.shared, &tenant, &content_types, from).await,
+                        (None, down) => Err(format!(
+                            "resync: the spool is not open ({}); send it again once the spool component is ok",
+                            down.as_ref().map(|d| d.fault.detail.as_str()).unwrap_or("not yet opened")
+                        )),
+                    };
+                    let _ = reply.send(result);
                 }
                 Request::RestartRelay { reply } => {
-                    let config = stages.config.clone();
-                    let _ = reply.send(stages.restart_relay(&shared, &config).await.map_err(|e| format!("{e:#}")));
+                    let result = match &mut life.live {
+                        Some(stages) => {
+                            let c = stages.config.clone();
+                            stages.restart_relay(&life.shared, &c).await.map_err(|e| format!("{e:#}"))
+                        }
+                        // The relay starts with the renewed certificate once the spool opens.
+                        None => Ok(()),
+                    };
+                    let _ = reply.send(result);
+                }
+                Request::ResetSpool { reply } => {
+                    let _ = reply.send(life.reset(&config).await);
                 }
             },
             Some(()) = reload.recv() => {
@@ -609,10 +390,10 @@ pub async fn run_agent(
                         Ok(new_local) => {
                             let m = published.lock().unwrap_or_else(|p| p.into_inner()).managed.clone();
                             match effective(&new_local, &m) {
-                                Ok(new) => match stages.apply(&shared, new).await {
+                                Ok(new) => match apply(&mut life, &mut config, new).await {
                                     Ok(()) => {
                                         local = new_local;
-                                        publish(&stages, None, None);
+                                        publish(&config, None, None);
                                         log::info!(target: "agent", "configuration {} reloaded", p.display());
                                     }
                                     Err(e) => log::error!(target: "agent", "configuration {} not applied: {e:#}", p.display()),
@@ -622,7 +403,7 @@ pub async fn run_agent(
                         }
                         Err(e) => log::error!(target: "agent", "configuration refused, the running one is kept: {e}"),
                     }
-                    notifier.ready(&format!("collecting {} tenant(s)", stages.config.tenants.len()));
+                    notifier.ready(&format!("collecting {} tenant(s)", config.tenants.len()));
                 }
             }
         }
@@ -631,15 +412,21 @@ pub async fn run_agent(
         }
     }
     notifier.stopping();
+    let stopping = std::time::Instant::now();
     log::info!(target: "agent", "shutting down: stopping collectors, draining in-flight batches");
-    let _ = control.await;
-    stages.stop().await;
-    spool.close().context("closing the spool")?;
-    let doc = document();
-    if let Ok(json) = serde_json::to_vec_pretty(&doc) {
-        let _ = write_atomic(&path, &json);
-    }
-    log::info!(target: "agent", "stopped cleanly");
+    // The control task and the stages stop side by side: the whole stop takes the longest grace.
+    let control_stopped = async {
+        if tokio::time::timeout(CONTROL_GRACE, &mut control)
+            .await
+            .is_err()
+        {
+            log::warn!(target: "agent", "the control task did not stop within {CONTROL_GRACE:?}; aborted");
+            control.abort();
+        }
+    };
+    tokio::join!(control_stopped, life.close());
+    writer.write_final(&files, document());
+    log::info!(target: "agent", "stopped cleanly in {} ms", stopping.elapsed().as_millis());
     Ok(())
 }
 

@@ -17,7 +17,6 @@ use sensor_control::update;
 use sensor_core::config::{BackendConfig, Config, TenantConfig};
 use sensor_core::counters::Counters;
 use sensor_core::status::StatusBoard;
-use sensor_spool::Spool;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -46,8 +45,8 @@ pub struct ControlContext {
     pub started: Instant,
     /// The status board.
     pub status: Arc<StatusBoard>,
-    /// The spool.
-    pub spool: Arc<Spool>,
+    /// The spool while it is open (the control plane never depends on it).
+    pub spool: crate::agent::SpoolSlot,
     /// Counters.
     pub counters: Arc<Counters>,
     /// The configuration in force and the managed state (published by the agent loop).
@@ -74,7 +73,7 @@ impl ControlContext {
                 config_status: &p.config_status,
             },
             &self.status,
-            &self.spool,
+            crate::agent::spool_of(&self.spool).as_deref(),
             &self.counters,
         )
     }
@@ -224,7 +223,7 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
 /// record: it has no newer observation of its own). Without this, an idle sensor whose backend is gone
 /// would show `starting` or a stale `ok`. With records pending, the relay's own sends decide.
 fn note_backend_link(ctx: &ControlContext, outcome: &Result<HeartbeatAnswer, ClientError>) {
-    if ctx.spool.figures().pending_records > 0 {
+    if crate::agent::spool_of(&ctx.spool).is_some_and(|s| s.figures().pending_records > 0) {
         return;
     }
     use sensor_core::status::State;
@@ -393,8 +392,12 @@ async fn execute(
         "rotate_credentials" => rotate_credentials(ctx, cmd).await,
         "collect_diagnostics" => collect_diagnostics(ctx, c, journal, cmd).await,
         "reboot" => request_reboot(ctx, cmd),
+        "reset_spool" => ctx
+            .ask(|reply| Request::ResetSpool { reply })
+            .await
+            .unwrap_or_else(|| Err("the agent is shutting down".into())),
         other => Err(format!(
-            "unknown command kind `{other}`; this sensor runs rotate_credentials, resync, set_log_level, collect_diagnostics, install_update and reboot"
+            "unknown command kind `{other}`; this sensor runs rotate_credentials, resync, set_log_level, collect_diagnostics, install_update, reboot and reset_spool"
         )),
     };
     (result(r), Then::Done)
@@ -610,11 +613,16 @@ async fn collect_diagnostics(
     cmd: &Command,
 ) -> Result<String, String> {
     let p = ctx.snapshot();
-    let quarantine = ctx.spool.quarantine().map(|q| {
-        q.iter()
-            .map(|i| serde_json::to_value(i).unwrap_or(Value::Null))
-            .collect::<Vec<_>>()
-    });
+    let spool = crate::agent::spool_of(&ctx.spool);
+    let quarantine = spool
+        .as_ref()
+        .ok_or(())
+        .and_then(|s| s.quarantine().map_err(|_| ()))
+        .map(|q| {
+            q.iter()
+                .map(|i| serde_json::to_value(i).unwrap_or(Value::Null))
+                .collect::<Vec<_>>()
+        });
     let bundle = serde_json::json!({
         "sensor_id": ctx.sensor_id,
         "version": sensor_core::VERSION,

@@ -10,6 +10,7 @@ mod enroll_cmd;
 mod harden;
 mod logging;
 mod sdnotify;
+mod stages;
 mod status_cmd;
 mod update_cmd;
 
@@ -113,7 +114,8 @@ fn real_main(cli: Cli) -> Result<i32> {
             let config_path = config;
             let config = Config::load(&config_path)?;
             harden::harden(&config.state_dir, allow_root)?;
-            runtime()?.block_on(async move {
+            let rt = runtime()?;
+            let result = rt.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     agent::termination().await;
@@ -121,7 +123,11 @@ fn real_main(cli: Cli) -> Result<i32> {
                 });
                 let reload = agent::reload_on_sighup();
                 agent::run_agent(config, Some(config_path), reload, rx, |_| {}).await
-            })?;
+            });
+            // A blocking spool call stuck on a dying disk must not hold the exit: what it would
+            // commit is atomic, and what was committed is recovered at the next start.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            result?;
             Ok(0)
         }
         Command::Status { config, json } => {

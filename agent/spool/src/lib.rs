@@ -77,6 +77,7 @@ pub use chunk::LEVEL as ZSTD_LEVEL;
 /// few records compresses worse than the same records inside a larger frame.
 pub const PASS_THROUGH_MIN_RAW: usize = 64 * 1024;
 mod dedup;
+pub mod fault;
 mod gen;
 mod keys;
 mod memkeys;
@@ -315,6 +316,8 @@ pub struct Spool {
     building: std::sync::atomic::AtomicUsize,
     /// Groups applied to sled since its last durability point (any of them: `make_durable` resets it).
     sled_unsynced: std::sync::atomic::AtomicU32,
+    /// The first host fault a caller noted since open ([`Spool::note_fault`]).
+    fault: Mutex<Option<fault::Fault>>,
     /// Tests: the next this many durability points fail, as fdatasync errors would.
     #[cfg(test)]
     fail_syncs: std::sync::atomic::AtomicU32,
@@ -490,6 +493,7 @@ impl Spool {
             _lock: lock,
             max_bytes: std::sync::atomic::AtomicU64::new(opts.max_bytes),
             opts,
+            fault: Mutex::new(None),
             #[cfg(test)]
             fail_syncs: std::sync::atomic::AtomicU32::new(0),
             #[cfg(test)]
@@ -561,6 +565,7 @@ impl Spool {
     fn skip_failed_group(&self, inner: &mut Inner) {
         if let Err(e) = self.resume_wal_at_next_segment(inner) {
             log::error!(target: "spool", "a failed commit could not be fenced off: {e}");
+            self.note_fault(fault::classify(&e, &self.dir));
             inner.wal_broken = Some(e.to_string());
         }
     }
@@ -1316,6 +1321,27 @@ impl Spool {
             bytes_before,
             bytes_after,
         }))
+    }
+
+    /// The spool's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Notes a host fault met by a caller (or by the spool itself). Invariant: the first note since
+    /// open is kept; the spool is reopened, never un-faulted in place.
+    pub fn note_fault(&self, f: fault::Fault) {
+        locked(&self.fault).get_or_insert(f);
+    }
+
+    /// The host fault noted since open, if any.
+    pub fn fault(&self) -> Option<fault::Fault> {
+        locked(&self.fault).clone()
+    }
+
+    /// Why commits are refused until the spool is opened again, if they are.
+    pub fn broken(&self) -> Option<String> {
+        self.lock().wal_broken.clone()
     }
 
     /// Flushes and fsyncs everything (shutdown).
