@@ -39,9 +39,28 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ManagementConfig {
-    /// Time between heartbeats (the status document is also sent at every status change).
+    /// Time between heartbeats (the status document is also sent at every status change), 1 to 3600.
     #[serde(default = "default_heartbeat_secs")]
     pub heartbeat_secs: u64,
+    /// Local only (the backend can never set it): the endpoints every tenant of the managed
+    /// configuration uses instead of its cloud's (a private endpoint, a test simulator). Without it a
+    /// managed tenant's endpoints derive from its `cloud` alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_tenant_endpoints: Option<TenantEndpoints>,
+}
+
+/// `[management.managed_tenant_endpoints]`: endpoint overrides the local file gives the tenants the
+/// backend sets. Invariant: only ever read from the local file; a managed configuration that names any of
+/// these keys is refused.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantEndpoints {
+    /// Login host instead of the cloud's authority (`https://`).
+    pub login_url: Option<String>,
+    /// API host instead of the cloud's (`https://`).
+    pub api_url: Option<String>,
+    /// Extra trust anchors (PEM) for those endpoints.
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_heartbeat_secs() -> u64 {
@@ -52,6 +71,7 @@ impl Default for ManagementConfig {
     fn default() -> Self {
         Self {
             heartbeat_secs: default_heartbeat_secs(),
+            managed_tenant_endpoints: None,
         }
     }
 }
@@ -489,6 +509,19 @@ impl Config {
                 "must be between 1 and 3600".into(),
             );
         }
+        if let Some(e) = &self.management.managed_tenant_endpoints {
+            let k = |f: &str| format!("management.managed_tenant_endpoints.{f}");
+            for (f, v) in [("login_url", &e.login_url), ("api_url", &e.api_url)] {
+                if let Some(u) = v {
+                    if !u.starts_with("https://") {
+                        p.add(&k(f), format!("`{u}` is not an https:// URL"));
+                    }
+                }
+            }
+            if let Some(ca) = &e.ca_file {
+                p.readable(&k("ca_file"), ca);
+            }
+        }
         if self.spool.max_bytes < 1024 * 1024 {
             p.add("spool.max_bytes", "must be at least 1048576 (1 MiB)".into());
         }
@@ -634,7 +667,8 @@ const TOP_KEYS: &[&str] = &[
     "network",
     "management",
 ];
-const MANAGEMENT_KEYS: &[&str] = &["heartbeat_secs"];
+const MANAGEMENT_KEYS: &[&str] = &["heartbeat_secs", "managed_tenant_endpoints"];
+const ENDPOINT_KEYS: &[&str] = &["login_url", "api_url", "ca_file"];
 const BACKEND_KEYS: &[&str] = &[
     "url",
     "token_file",
@@ -720,6 +754,13 @@ fn unknown_keys(v: &toml::Value) -> Vec<ConfigProblem> {
         v.get("management").and_then(toml::Value::as_table),
         "management.",
         MANAGEMENT_KEYS,
+    );
+    check(
+        v.get("management")
+            .and_then(|m| m.get("managed_tenant_endpoints"))
+            .and_then(toml::Value::as_table),
+        "management.managed_tenant_endpoints.",
+        ENDPOINT_KEYS,
     );
     for (i, t) in v
         .get("tenant")
@@ -918,7 +959,14 @@ backfill_hours = 200
             network: NetworkConfig {
                 proxy: Some("http://p".into()),
             },
-            management: ManagementConfig::default(),
+            management: ManagementConfig {
+                heartbeat_secs: 1,
+                managed_tenant_endpoints: Some(TenantEndpoints {
+                    login_url: Some("https://l".into()),
+                    api_url: Some("https://a".into()),
+                    ca_file: Some("/ca".into()),
+                }),
+            },
         };
         let v = toml::Value::try_from(&c).expect("serializes");
         let keys = |v: Option<&toml::Value>| -> Vec<String> {
@@ -939,6 +987,13 @@ backfill_hours = 200
         assert_eq!(keys(v.get("spool")), sorted(SPOOL_KEYS));
         assert_eq!(keys(v.get("network")), sorted(NETWORK_KEYS));
         assert_eq!(keys(v.get("management")), sorted(MANAGEMENT_KEYS));
+        assert_eq!(
+            keys(
+                v.get("management")
+                    .and_then(|m| m.get("managed_tenant_endpoints"))
+            ),
+            sorted(ENDPOINT_KEYS)
+        );
         assert_eq!(
             keys(v.get("tenant").and_then(|t| t.get(0))),
             sorted(TENANT_KEYS)
