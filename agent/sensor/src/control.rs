@@ -31,6 +31,8 @@ const RENEWAL_CHECK: Duration = Duration::from_secs(60);
 /// How long a rotated credential is retried by default before it is declared refused (Entra can take
 /// about a minute to accept a new secret).
 const DEFAULT_VERIFY_SECS: u64 = 120;
+/// The longest `rotate_credentials` may retry a new credential (`args.verify_secs`).
+const MAX_VERIFY_SECS: u64 = 600;
 /// File that asks the host to reboot (watched by `m365-sensor-reboot.path`).
 pub const REBOOT_REQUEST: &str = "reboot-requested";
 /// How long the host's updater may take to install a bundle (RAUC writes a whole root slot).
@@ -512,6 +514,17 @@ async fn rotate_credentials(ctx: &ControlContext, cmd: &Command) -> Result<Strin
             return Err(format!("rotate_credentials: args.client_secret_expires `{d}` is not a date of the form YYYY-MM-DD"));
         }
     }
+    let verify_secs = match cmd.args.get("verify_secs") {
+        None => DEFAULT_VERIFY_SECS,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_VERIFY_SECS).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "rotate_credentials: args.verify_secs {v} is out of range: must be between 1 and {MAX_VERIFY_SECS} (s); the old credential stays"
+                ))
+            }
+        },
+    };
     let store = |ext: &str, text: &str| -> Result<PathBuf, String> {
         let path = managed::credential_path(&ctx.state_dir, &name, ext, text.trim());
         managed::write_credential(&path, text.trim())
@@ -538,12 +551,6 @@ async fn rotate_credentials(ctx: &ControlContext, cmd: &Command) -> Result<Strin
         client_secret_expires: o.client_secret_expires.clone(),
         ..tenant
     };
-    let verify_secs = cmd
-        .args
-        .get("verify_secs")
-        .and_then(Value::as_u64)
-        .unwrap_or(DEFAULT_VERIFY_SECS)
-        .min(600);
     verify_credential(
         &candidate,
         published.config.network.proxy.as_deref(),
