@@ -75,6 +75,11 @@ const INLINE_CREDENTIALS: &[(&str, &str, &str)] = &[
     ("private_key_pem", "private_key_file", "key"),
 ];
 
+/// The top-level key of a managed configuration that lets it have no tenant at all: without
+/// `"allow_no_tenants": true`, a managed configuration whose tenant list ends up empty (`[]`, or absent
+/// with no tenant in the local file) is refused, so a backend cannot stop all collection silently.
+pub const ALLOW_NO_TENANTS: &str = "allow_no_tenants";
+
 /// Where a managed configuration being checked comes from.
 enum Origin<'a> {
     /// The backend's answer: credentials inline, no file names.
@@ -95,6 +100,12 @@ fn check_shape(config: &Value, origin: &Origin<'_>) -> Vec<(String, String)> {
             "backend" => MANAGED_BACKEND_KEYS,
             "spool" => MANAGED_SPOOL_KEYS,
             "management" => MANAGED_MANAGEMENT_KEYS,
+            ALLOW_NO_TENANTS => {
+                if !value.is_boolean() {
+                    problems.push((key.clone(), "must be true or false".into()));
+                }
+                continue;
+            }
             "tenant" => {
                 match value.as_array() {
                     Some(tenants) => {
@@ -461,6 +472,7 @@ fn overlay(
     if let (Some(m), Some(base)) = (managed.as_object(), merged.as_object_mut()) {
         for (key, value) in m {
             match (key.as_str(), value.as_object(), base.get_mut(key)) {
+                (ALLOW_NO_TENANTS, _, _) => {}
                 ("tenant", _, _) => {
                     base.insert(key.clone(), value.clone());
                 }
@@ -509,7 +521,16 @@ fn overlay(
     }
     let config: Config = serde_json::from_value(merged)
         .map_err(|e| vec![problem(version, "config", e.to_string())])?;
-    let problems = config.validate();
+    let mut problems = config.validate();
+    let set_by_backend = managed.as_object().is_some_and(|m| !m.is_empty());
+    if set_by_backend && config.tenants.is_empty() && !allows_no_tenants(managed) {
+        problems.push(ConfigProblem {
+            field: "tenant".into(),
+            reason: format!(
+                "no tenant at all: applying it would stop all collection; a managed configuration does that only with \"{ALLOW_NO_TENANTS}\": true"
+            ),
+        });
+    }
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -518,6 +539,11 @@ fn overlay(
             .map(|p| problem(version, &p.field, p.reason))
             .collect())
     }
+}
+
+/// Whether a managed configuration says it means to have no tenant (`"allow_no_tenants": true`).
+pub fn allows_no_tenants(config: &Value) -> bool {
+    config.get(ALLOW_NO_TENANTS).and_then(Value::as_bool) == Some(true)
 }
 
 /// The credential overrides that a newly accepted managed configuration leaves in place: a tenant that
@@ -778,6 +804,64 @@ mod tests {
         write(tenant(serde_json::json!({})), creds);
         let e = Managed::load(d.path()).expect_err("refused").to_string();
         assert!(e.contains("credentials.a.client_secret_file"), "{e}");
+    }
+
+    /// Issue 18 item 1: an empty or missing tenant list stopped all collection silently.
+    #[test]
+    fn no_tenant_at_all_needs_the_explicit_flag() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let with_local_tenant = {
+            let secret = d.path().join("s");
+            store::write_private(&secret, b"s").expect("secret");
+            let mut c = local(d.path());
+            let t: sensor_core::config::TenantConfig = serde_json::from_value(serde_json::json!({
+                "name": "local", "tenant_id": TENANT, "client_id": TENANT, "client_secret_file": secret
+            }))
+            .expect("tenant");
+            c.tenants.push(t);
+            c
+        };
+        let managed = |config: Value| Managed {
+            version: 9,
+            config,
+            credentials: BTreeMap::new(),
+        };
+        let refused = |local: &Config, config: Value| {
+            let e = managed(config).apply_to(local).expect_err("refused");
+            let text: Vec<String> = e
+                .iter()
+                .map(|p| format!("{}: {}", p.field, p.reason))
+                .collect();
+            assert!(
+                text.iter()
+                    .any(|t| t.contains("remote config v9: tenant: no tenant at all")
+                        && t.contains("allow_no_tenants")),
+                "{text:?}"
+            );
+        };
+        // `[]` empties the list; absent keeps the local file's tenants, if it has any.
+        refused(&with_local_tenant, serde_json::json!({"tenant": []}));
+        refused(
+            &local(d.path()),
+            serde_json::json!({"backend": {"compression": "gzip"}}),
+        );
+        refused(
+            &local(d.path()),
+            serde_json::json!({"tenant": [], "allow_no_tenants": false}),
+        );
+        let kept = managed(serde_json::json!({"backend": {"compression": "gzip"}}))
+            .apply_to(&with_local_tenant)
+            .expect("the local tenant stays");
+        assert_eq!(kept.tenants.len(), 1);
+        let flagged = serde_json::json!({"tenant": [], "allow_no_tenants": true});
+        let m = materialize(d.path(), 9, &flagged).expect("shape");
+        let c = managed(m).apply_to(&with_local_tenant).expect("explicit");
+        assert!(c.tenants.is_empty());
+        // No managed configuration at all (the local file alone) stays as it was.
+        assert!(Managed::default().apply_to(&local(d.path())).is_ok());
+        let e = materialize(d.path(), 9, &serde_json::json!({"allow_no_tenants": "yes"}))
+            .expect_err("not a bool");
+        assert!(e[0].field.ends_with("allow_no_tenants"), "{e:?}");
     }
 
     #[test]

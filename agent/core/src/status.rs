@@ -52,6 +52,11 @@ pub enum State {
     SpoolFull,
     /// Items are held in quarantine.
     Quarantined,
+    /// The backend's managed configuration has no tenant (applied only with its `allow_no_tenants`
+    /// flag): collection is stopped on purpose.
+    NoTenants,
+    /// The backend sent a command the sensor refused to run (an invalid id, kind or arguments).
+    CommandRefused,
 }
 
 /// How bad a state is; the overall status is the worst.
@@ -84,7 +89,7 @@ impl State {
         match self {
             Ok | Starting | WaitingForFirstContent => Severity::Ok,
             SecretExpiring | Throttled | ContentExpired | SpoolHigh | Quarantined
-            | BackendUnreachable => Severity::Degraded,
+            | BackendUnreachable | NoTenants | CommandRefused => Severity::Degraded,
             AuditDisabled | SubscriptionDisabled | CredentialsInvalid | SecretExpired
             | ConsentMissing | WrongCloud | ApiUnreachable | BackendAuthFailed | SpoolFull => {
                 Severity::Failed
@@ -121,6 +126,8 @@ impl State {
             SpoolHigh => "The spool is filling because the backend does not accept data; restore the backend link before the spool fills.",
             SpoolFull => "Collection is paused (nothing is dropped; Microsoft keeps content 7 days): restore the backend link or raise spool.max_bytes.",
             Quarantined => "Some items were held aside; collect diagnostics and send them to support.",
+            NoTenants => "The backend's configuration names no tenant, so nothing is collected: add the tenants in the backend, or confirm the sensor is meant to be idle.",
+            CommandRefused => "The backend sent a command this sensor will not run (see the error): check the backend for compromise or a bug; nothing was run.",
         }
     }
 }

@@ -154,7 +154,9 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
         if *shutdown.borrow() {
             break;
         }
-        let config = ctx.snapshot().config;
+        let published = ctx.snapshot();
+        note_no_tenants(&ctx, &published);
+        let config = published.config;
         let interval = Duration::from_secs(config.management.heartbeat_secs);
         let sig = signature(&ctx);
         let due = match last_sent {
@@ -219,6 +221,28 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+/// Component of the status board that shows collection stopped on purpose by the backend.
+const COLLECTION: &str = "collection";
+
+/// A managed configuration that stopped all collection (allowed only with its `allow_no_tenants` flag)
+/// is never silent: the `collection` component shows `no_tenants`, naming the version, in the status
+/// document and so in every heartbeat; it goes away with the next configuration that has a tenant.
+fn note_no_tenants(ctx: &ControlContext, p: &Published) {
+    if p.config.tenants.is_empty() && managed::allows_no_tenants(&p.managed.config) {
+        ctx.status.set(
+            COLLECTION,
+            sensor_core::status::State::NoTenants,
+            None,
+            Some(format!(
+                "the backend's configuration v{} has no tenant: collection stopped",
+                p.managed.version
+            )),
+        );
+    } else if ctx.status.get(COLLECTION).is_some() {
+        ctx.status.remove(COLLECTION);
     }
 }
 
