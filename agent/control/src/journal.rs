@@ -4,14 +4,16 @@
 //! Invariant: a command is recorded as started, durably, before it runs; a command id found in the
 //! journal never runs again, also across restarts. A command that was started but never finished (the
 //! process died) is finished at the next start as failed, "interrupted", and not run again: commands run
-//! at most once. Results are kept until the backend has them.
+//! at most once. Results are kept until the backend has them. Every id in the journal passes
+//! [`valid_command_id`] (checked when recorded and when loaded), so no id it hands out can name a file
+//! or a URL segment the backend did not mean.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::CommandResult;
+use crate::protocol::{shown, valid_command_id, CommandResult};
 use crate::store;
 
 /// File of the journal in the state directory.
@@ -44,6 +46,12 @@ pub enum JournalError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A command id is not one the protocol allows.
+    #[error("command id {id} refused: an id is 1 to 128 of A-Z a-z 0-9 . _ : -")]
+    InvalidId {
+        /// The id, escaped and shortened.
+        id: String,
+    },
     /// The file is not a journal.
     #[error("{path}: not a command journal: {message}")]
     Corrupt {
@@ -65,7 +73,7 @@ impl Journal {
     /// Loads `<state_dir>/commands.json` (empty when missing) and finishes interrupted commands.
     pub fn load(state_dir: &Path) -> Result<Journal, JournalError> {
         let path = state_dir.join(FILE);
-        let entries = match std::fs::read(&path) {
+        let entries: BTreeMap<String, Entry> = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| JournalError::Corrupt {
                 path: path.clone(),
                 message: e.to_string(),
@@ -73,6 +81,12 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(JournalError::Io { path, source }),
         };
+        if let Some(bad) = entries.keys().find(|id| !valid_command_id(id)) {
+            return Err(JournalError::Corrupt {
+                path,
+                message: format!("command id {} is not a valid id", shown(bad)),
+            });
+        }
         let mut j = Journal { path, entries };
         let mut interrupted = false;
         for e in j.entries.values_mut().filter(|e| e.result.is_none()) {
@@ -110,6 +124,9 @@ impl Journal {
     /// Records `id` as started, durably. Call before running it; never run a command whose `begin`
     /// failed.
     pub fn begin(&mut self, id: &str, kind: &str, now: i64) -> Result<(), JournalError> {
+        if !valid_command_id(id) {
+            return Err(JournalError::InvalidId { id: shown(id) });
+        }
         self.entries.insert(
             id.to_string(),
             Entry {
@@ -202,6 +219,24 @@ mod tests {
         j.mark_reported("a").expect("reported");
         let j = Journal::load(d.path()).expect("reload");
         assert_eq!(j.unreported().len(), 1);
+    }
+
+    #[test]
+    fn hostile_ids_are_never_recorded_nor_loaded() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::load(d.path()).expect("load");
+        for id in ["x\nreboot=yes", "../x", "", "nul\0"] {
+            let e = j.begin(id, "reboot", 1).expect_err("refused");
+            assert!(matches!(e, JournalError::InvalidId { .. }), "{e}");
+        }
+        assert!(j.entries().is_empty());
+        std::fs::write(
+            d.path().join(FILE),
+            br#"{"../up":{"kind":"reboot","at":1,"result":null,"reported":false}}"#,
+        )
+        .expect("write");
+        let e = Journal::load(d.path()).expect_err("refused");
+        assert!(e.to_string().contains(r#""../up""#), "{e}");
     }
 
     #[test]

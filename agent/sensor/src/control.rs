@@ -12,7 +12,7 @@ use sensor_control::client::{ClientError, ManagementClient};
 use sensor_control::identity::{self, Identity, NewIdentity};
 use sensor_control::journal::Journal;
 use sensor_control::managed::{self, CredentialOverride, Managed};
-use sensor_control::protocol::{Command, CommandResult, HeartbeatAnswer};
+use sensor_control::protocol::{Command, CommandRefusal, CommandResult, HeartbeatAnswer};
 use sensor_control::update;
 use sensor_core::config::{BackendConfig, Config, TenantConfig};
 use sensor_core::counters::Counters;
@@ -150,6 +150,7 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
     let mut last_signature = String::new();
     let mut last_error: Option<String> = None;
     let mut last_renewal_check: Option<Instant> = None;
+    let mut refusals = Refusals::default();
     loop {
         if *shutdown.borrow() {
             break;
@@ -196,7 +197,7 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
                         if last_error.take().is_some() {
                             log::info!(target: "control", "heartbeats reach the backend again");
                         }
-                        handle_answer(&ctx, c, &mut journal, answer).await;
+                        handle_answer(&ctx, c, &mut journal, &mut refusals, answer).await;
                         report_results(c, &mut journal).await;
                     }
                     Err(e) => {
@@ -277,10 +278,77 @@ fn note_backend_link(ctx: &ControlContext, outcome: &Result<HeartbeatAnswer, Cli
     }
 }
 
+/// Component of the status board that shows commands refused before they ran.
+const COMMANDS: &str = "commands";
+/// How many distinct unreportable refusals are remembered (so each is logged once); past it the memory
+/// starts again.
+const REFUSALS_REMEMBERED: usize = 1024;
+
+/// Commands refused before they ran (an invalid id, kind or args), so each is logged and counted once
+/// although the backend repeats it on every heartbeat.
+#[derive(Default)]
+struct Refusals {
+    seen: std::collections::HashSet<String>,
+    count: u64,
+}
+
+/// Refuses a command that failed [`Command::check`]: never run; logged once; shown in the status (the
+/// `commands` component, `command_refused`, until the agent restarts) and so in every heartbeat; and,
+/// when its id is valid, journaled with a failed result that reaches the backend like any other.
+fn refuse_command(
+    ctx: &ControlContext,
+    journal: &mut Journal,
+    refusals: &mut Refusals,
+    refusal: &CommandRefusal,
+) {
+    let text = refusal.to_string();
+    if let Some(id) = refusal.reportable_id() {
+        if journal.seen(id) {
+            return;
+        }
+        let kind = match refusal {
+            CommandRefusal::InvalidKind { kind, .. } | CommandRefusal::InvalidArgs { kind, .. } => {
+                kind.as_str()
+            }
+            _ => "refused",
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let failed = CommandResult {
+            ok: false,
+            message: text.clone(),
+        };
+        if let Err(e) = journal
+            .begin(id, kind, now)
+            .and_then(|()| journal.finish(id, failed))
+        {
+            log::error!(target: "control", "cannot journal the refusal of command {id}: {e}");
+        }
+    } else {
+        if refusals.seen.len() >= REFUSALS_REMEMBERED {
+            refusals.seen.clear();
+        }
+        if !refusals.seen.insert(text.clone()) {
+            return;
+        }
+    }
+    refusals.count += 1;
+    log::error!(target: "control", "{text}");
+    ctx.status.set(
+        COMMANDS,
+        sensor_core::status::State::CommandRefused,
+        Some(text),
+        Some(format!(
+            "{} command(s) refused since the agent started",
+            refusals.count
+        )),
+    );
+}
+
 async fn handle_answer(
     ctx: &ControlContext,
     c: &ManagementClient,
     journal: &mut Journal,
+    refusals: &mut Refusals,
     answer: HeartbeatAnswer,
 ) {
     let status = ctx.snapshot().config_status;
@@ -289,7 +357,14 @@ async fn handle_answer(
     {
         fetch_and_apply(ctx, c).await;
     }
-    for cmd in answer.commands {
+    for checked in answer.commands() {
+        let cmd = match checked {
+            Ok(cmd) => cmd,
+            Err(refusal) => {
+                refuse_command(ctx, journal, refusals, &refusal);
+                continue;
+            }
+        };
         if journal.seen(&cmd.id) {
             continue;
         }
