@@ -369,6 +369,17 @@ async fn handle_answer(
             continue;
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some(reason) = journal.rate_limit(&cmd.kind, now) {
+            log::warn!(target: "control", "command {} ({}) refused: {reason}", cmd.id, cmd.kind);
+            let refused = CommandResult {
+                ok: false,
+                message: format!("{}: {reason}", cmd.kind),
+            };
+            if let Err(e) = journal.refuse_rate_limited(&cmd.id, &cmd.kind, now, refused) {
+                log::error!(target: "control", "cannot journal the refusal of command {}: {e}", cmd.id);
+            }
+            continue;
+        }
         if let Err(e) = journal.begin(&cmd.id, &cmd.kind, now) {
             log::error!(target: "control", "cannot journal command {} ({e}); it is not run", cmd.id);
             continue;
