@@ -487,6 +487,56 @@ fn result(r: Result<String, String>) -> CommandResult {
     }
 }
 
+/// The args each command kind this sensor runs may carry; any other arg is refused before the command
+/// runs, so no command takes a file name, a path or an endpoint from the network. `install_update`
+/// checks its own (`update::UpdateRequest::from_args`); kinds not listed here check their own.
+const COMMAND_ARGS: &[(&str, &[&str])] = &[
+    ("set_log_level", &["level"]),
+    ("resync", &["tenant", "start", "content_type"]),
+    (
+        "rotate_credentials",
+        &[
+            "tenant",
+            "client_secret",
+            "certificate_pem",
+            "private_key_pem",
+            "client_secret_expires",
+            "verify_secs",
+        ],
+    ),
+    ("collect_diagnostics", &[]),
+    ("reboot", &[]),
+];
+
+/// Refuses a command carrying an arg its kind does not take, naming the args (escaped) and what it takes.
+fn check_args(cmd: &Command) -> Result<(), String> {
+    let Some((_, allowed)) = COMMAND_ARGS.iter().find(|(k, _)| *k == cmd.kind) else {
+        return Ok(());
+    };
+    let unknown: Vec<String> = cmd
+        .args
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .map(|k| sensor_control::protocol::shown(k))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let takes = if allowed.is_empty() {
+        "no args".to_string()
+    } else {
+        allowed.join(", ")
+    };
+    Err(format!(
+        "{}: args {} refused, not run: this command takes {takes}",
+        cmd.kind,
+        unknown.join(", ")
+    ))
+}
+
 async fn execute(
     ctx: &ControlContext,
     c: &ManagementClient,
@@ -498,6 +548,9 @@ async fn execute(
             Ok((message, then)) => (CommandResult { ok: true, message }, then),
             Err(message) => (CommandResult { ok: false, message }, Then::Done),
         };
+    }
+    if let Err(refusal) = check_args(cmd) {
+        return (result(Err(refusal)), Then::Done);
     }
     let r = match cmd.kind.as_str() {
         "set_log_level" => set_log_level(cmd),
@@ -806,5 +859,49 @@ async fn renew_if_due(ctx: &ControlContext, c: &ManagementClient) -> bool {
             log::warn!(target: "control", "renewing the device certificate (expires {}): {e}; retried in a minute", time::OffsetDateTime::from_unix_timestamp(current.not_after).map(sensor_core::timefmt::rfc3339).unwrap_or_default());
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(kind: &str, args: Value) -> Command {
+        Command {
+            id: "c1".into(),
+            kind: kind.into(),
+            args,
+        }
+    }
+
+    /// Issue 18 item 1, the command side: no command takes a file or an endpoint from the network.
+    #[test]
+    fn commands_refuse_args_they_do_not_take() {
+        let e = check_args(&cmd(
+            "rotate_credentials",
+            serde_json::json!({"tenant": "a", "client_secret_file": "/proc/self/environ", "login_url": "https://x"}),
+        ))
+        .expect_err("refused");
+        assert!(
+            e.contains(r#""client_secret_file""#) && e.contains(r#""login_url""#),
+            "{e}"
+        );
+        assert!(e.starts_with("rotate_credentials: args"), "{e}");
+        let e = check_args(&cmd("reboot", serde_json::json!({"path": "/x"}))).expect_err("refused");
+        assert!(e.contains("takes no args"), "{e}");
+        assert!(check_args(&cmd(
+            "rotate_credentials",
+            serde_json::json!({"tenant": "a", "client_secret": "s", "verify_secs": 5})
+        ))
+        .is_ok());
+        assert!(check_args(&cmd(
+            "resync",
+            serde_json::json!({"tenant": "a", "start": "x", "content_type": "Audit.General"})
+        ))
+        .is_ok());
+        assert!(
+            check_args(&cmd("reset_spool", serde_json::json!({"x": 1}))).is_ok(),
+            "checks its own"
+        );
     }
 }
