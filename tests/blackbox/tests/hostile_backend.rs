@@ -189,6 +189,34 @@ fn a_managed_config_that_would_send_secrets_away_is_refused_and_collection_goes_
             .then_some(())
     })?;
 
+    // Defence in depth: a managed.json tampered with on disk to name the trap and the backend token is
+    // refused at start-up, naming the file and the keys; the backend's last version is fetched again.
+    let mut sensor = sensor;
+    sensor.terminate(Duration::from_secs(20))?;
+    let path = d.join("state/managed.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    m["config"]["tenant"][0]["login_url"] = json!(trap.url());
+    m["config"]["tenant"][0]["client_secret_file"] = json!(token);
+    std::fs::write(&path, serde_json::to_vec(&m)?)?;
+    let sensor = start_sensor(d, &cfg, 1)?;
+    wait_for(
+        Duration::from_secs(20),
+        "the tampered managed.json refused",
+        || {
+            let log = sensor.log_text();
+            (log.contains("managed.json: refused, not applied")
+                && log.contains("tenant[0].client_secret_file")
+                && log.contains("tenant[0].login_url"))
+            .then_some(())
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", sensor.log_text()))?;
+    wait_for(
+        Duration::from_secs(30),
+        "the backend's version again",
+        || (sensor_status(d)?["config"]["version"].as_u64()? == v + 1).then_some(()),
+    )?;
+
     // Nothing reached the trap, nothing was lost.
     sim.set_generation(false)?;
     let verdict = wait_for_delivery(&sim, &rx, Duration::from_secs(90))?;
