@@ -4,14 +4,20 @@
 //! Invariant: a command is recorded as started, durably, before it runs; a command id found in the
 //! journal never runs again, also across restarts. A command that was started but never finished (the
 //! process died) is finished at the next start as failed, "interrupted", and not run again: commands run
-//! at most once. Results are kept until the backend has them.
+//! at most once. Results are kept until the backend has them. Every id in the journal passes
+//! [`valid_command_id`] (checked when recorded and when loaded), so no id it hands out can name a file
+//! or a URL segment the backend did not mean.
+//!
+//! Rate limit: the commands that change the host ([`RATE_LIMITED_KINDS`]) run at most
+//! [`RATE_LIMIT_PER_HOUR`] times each per hour, counted from the journal's timestamps, so the count
+//! survives the restarts a reboot causes; the newest of them are never forgotten.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::CommandResult;
+use crate::protocol::{shown, valid_command_id, CommandResult};
 use crate::store;
 
 /// File of the journal in the state directory.
@@ -19,6 +25,14 @@ pub const FILE: &str = "commands.json";
 
 /// How many reported entries are kept (the oldest are forgotten first).
 const KEEP_REPORTED: usize = 2000;
+
+/// Kinds that change the host (a reboot, a new root slot, a spool set aside): rate limited.
+pub const RATE_LIMITED_KINDS: &[&str] = &["reboot", "install_update", "reset_spool"];
+/// How many commands of each rate-limited kind may run in any [`RATE_WINDOW_SECS`]: 3 (a failed update
+/// and its retry, and a reboot, fit; a compromised backend cannot make the appliance boot-loop).
+pub const RATE_LIMIT_PER_HOUR: usize = 3;
+/// The rate limit's window.
+pub const RATE_WINDOW_SECS: i64 = 3600;
 
 /// Where a command is.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -31,6 +45,9 @@ pub struct Entry {
     pub result: Option<CommandResult>,
     /// Whether the backend acknowledged the result.
     pub reported: bool,
+    /// Whether it was refused by the rate limit (it did not run and does not count).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rate_limited: bool,
 }
 
 /// Why the journal could not be read or written.
@@ -43,6 +60,12 @@ pub enum JournalError {
         path: PathBuf,
         /// The underlying error.
         source: std::io::Error,
+    },
+    /// A command id is not one the protocol allows.
+    #[error("command id {id} refused: an id is 1 to 128 of A-Z a-z 0-9 . _ : -")]
+    InvalidId {
+        /// The id, escaped and shortened.
+        id: String,
     },
     /// The file is not a journal.
     #[error("{path}: not a command journal: {message}")]
@@ -65,7 +88,7 @@ impl Journal {
     /// Loads `<state_dir>/commands.json` (empty when missing) and finishes interrupted commands.
     pub fn load(state_dir: &Path) -> Result<Journal, JournalError> {
         let path = state_dir.join(FILE);
-        let entries = match std::fs::read(&path) {
+        let entries: BTreeMap<String, Entry> = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| JournalError::Corrupt {
                 path: path.clone(),
                 message: e.to_string(),
@@ -73,6 +96,12 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(JournalError::Io { path, source }),
         };
+        if let Some(bad) = entries.keys().find(|id| !valid_command_id(id)) {
+            return Err(JournalError::Corrupt {
+                path,
+                message: format!("command id {} is not a valid id", shown(bad)),
+            });
+        }
         let mut j = Journal { path, entries };
         let mut interrupted = false;
         for e in j.entries.values_mut().filter(|e| e.result.is_none()) {
@@ -110,6 +139,9 @@ impl Journal {
     /// Records `id` as started, durably. Call before running it; never run a command whose `begin`
     /// failed.
     pub fn begin(&mut self, id: &str, kind: &str, now: i64) -> Result<(), JournalError> {
+        if !valid_command_id(id) {
+            return Err(JournalError::InvalidId { id: shown(id) });
+        }
         self.entries.insert(
             id.to_string(),
             Entry {
@@ -117,6 +149,57 @@ impl Journal {
                 at: now,
                 result: None,
                 reported: false,
+                rate_limited: false,
+            },
+        );
+        self.save()
+    }
+
+    /// Why a command of `kind` may not run at `now` (Unix seconds): the rate limit of its kind is reached.
+    /// None when it may run. Commands whose time lies in the future (the clock went back) count.
+    pub fn rate_limit(&self, kind: &str, now: i64) -> Option<String> {
+        if !RATE_LIMITED_KINDS.contains(&kind) {
+            return None;
+        }
+        let mut times: Vec<i64> = self
+            .entries
+            .values()
+            .filter(|e| e.kind == kind && !e.rate_limited && e.at > now - RATE_WINDOW_SECS)
+            .map(|e| e.at)
+            .collect();
+        if times.len() < RATE_LIMIT_PER_HOUR {
+            return None;
+        }
+        times.sort_unstable();
+        let next = times[times.len() - RATE_LIMIT_PER_HOUR] + RATE_WINDOW_SECS;
+        let next = time::OffsetDateTime::from_unix_timestamp(next)
+            .map(sensor_core::timefmt::rfc3339)
+            .unwrap_or_else(|_| next.to_string());
+        Some(format!(
+            "rate limit: {} {kind} commands in the last hour (at most {RATE_LIMIT_PER_HOUR} per hour); not run, next allowed at {next}",
+            times.len()
+        ))
+    }
+
+    /// Records `id` as refused by the rate limit with `result`, durably; it never runs.
+    pub fn refuse_rate_limited(
+        &mut self,
+        id: &str,
+        kind: &str,
+        now: i64,
+        result: CommandResult,
+    ) -> Result<(), JournalError> {
+        if !valid_command_id(id) {
+            return Err(JournalError::InvalidId { id: shown(id) });
+        }
+        self.entries.insert(
+            id.to_string(),
+            Entry {
+                kind: kind.to_string(),
+                at: now,
+                result: Some(result),
+                reported: false,
+                rate_limited: true,
             },
         );
         self.save()
@@ -151,10 +234,23 @@ impl Journal {
         }
         let reported = self.entries.values().filter(|e| e.reported).count();
         if reported > KEEP_REPORTED {
+            // The newest runs of each rate-limited kind are what the limit counts: never forgotten, so a
+            // flood of other commands cannot wash them out.
+            let mut keep: Vec<&String> = Vec::new();
+            for kind in RATE_LIMITED_KINDS {
+                let mut runs: Vec<(&String, i64)> = self
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| e.kind == *kind && !e.rate_limited)
+                    .map(|(k, e)| (k, e.at))
+                    .collect();
+                runs.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+                keep.extend(runs.into_iter().take(RATE_LIMIT_PER_HOUR).map(|(k, _)| k));
+            }
             let mut old: Vec<(String, i64)> = self
                 .entries
                 .iter()
-                .filter(|(_, e)| e.reported)
+                .filter(|(k, e)| e.reported && !keep.contains(k))
                 .map(|(k, e)| (k.clone(), e.at))
                 .collect();
             old.sort_by_key(|(_, at)| *at);
@@ -202,6 +298,80 @@ mod tests {
         j.mark_reported("a").expect("reported");
         let j = Journal::load(d.path()).expect("reload");
         assert_eq!(j.unreported().len(), 1);
+    }
+
+    #[test]
+    fn hostile_ids_are_never_recorded_nor_loaded() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::load(d.path()).expect("load");
+        for id in ["x\nreboot=yes", "../x", "", "nul\0"] {
+            let e = j.begin(id, "reboot", 1).expect_err("refused");
+            assert!(matches!(e, JournalError::InvalidId { .. }), "{e}");
+        }
+        assert!(j.entries().is_empty());
+        std::fs::write(
+            d.path().join(FILE),
+            br#"{"../up":{"kind":"reboot","at":1,"result":null,"reported":false}}"#,
+        )
+        .expect("write");
+        let e = Journal::load(d.path()).expect_err("refused");
+        assert!(e.to_string().contains(r#""../up""#), "{e}");
+    }
+
+    /// Issue 18 item 7: a backend could make the appliance reboot (or install) without end.
+    #[test]
+    fn destructive_commands_are_rate_limited_across_restarts() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::load(d.path()).expect("load");
+        let t0 = 1_800_000_000;
+        for i in 0..3 {
+            assert_eq!(j.rate_limit("reboot", t0 + i), None);
+            j.begin(&format!("r{i}"), "reboot", t0 + i).expect("begin");
+            // The reboot happens: the agent restarts before it finishes the entry.
+            j = Journal::load(d.path()).expect("reload");
+        }
+        let reason = j.rate_limit("reboot", t0 + 10).expect("limited");
+        assert!(
+            reason.contains("3 reboot commands in the last hour"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("next allowed at 2027-01-15T09:00:00Z"),
+            "{reason}"
+        );
+        let refused = CommandResult {
+            ok: false,
+            message: reason,
+        };
+        j.refuse_rate_limited("r3", "reboot", t0 + 10, refused)
+            .expect("refuse");
+        let mut j = Journal::load(d.path()).expect("reload");
+        assert!(
+            j.rate_limit("reboot", t0 + 20).is_some(),
+            "refusals do not reset it"
+        );
+        assert_eq!(j.rate_limit("install_update", t0 + 20), None, "per kind");
+        assert_eq!(j.rate_limit("resync", t0 + 20), None);
+        assert_eq!(j.rate_limit("reboot", t0 + 3600), None, "an hour later");
+        // A flood of other commands does not make the journal forget the recent reboots.
+        for i in 0..(KEEP_REPORTED + 10) {
+            let entry = Entry {
+                kind: "set_log_level".into(),
+                at: t0 + 100 + i as i64,
+                result: None,
+                reported: true,
+                rate_limited: false,
+            };
+            j.entries.insert(format!("f{i}"), entry);
+        }
+        for id in ["r0", "r1", "r2", "r3"] {
+            j.mark_reported(id).expect("reported");
+        }
+        assert!(
+            j.rate_limit("reboot", t0 + 3000).is_some(),
+            "{:?}",
+            j.entries.get("r0")
+        );
     }
 
     #[test]

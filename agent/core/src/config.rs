@@ -24,7 +24,7 @@ pub struct Config {
     /// The local spool.
     #[serde(default)]
     pub spool: SpoolConfig,
-    /// The Microsoft 365 tenants to collect.
+    /// The Microsoft 365 tenants to collect, at most [`MAX_TENANTS`].
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
     /// Network settings shared by every request.
@@ -39,9 +39,28 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ManagementConfig {
-    /// Time between heartbeats (the status document is also sent at every status change).
+    /// Time between heartbeats (the status document is also sent at every status change), 1 to 3600.
     #[serde(default = "default_heartbeat_secs")]
     pub heartbeat_secs: u64,
+    /// Local only (the backend can never set it): the endpoints every tenant of the managed
+    /// configuration uses instead of its cloud's (a private endpoint, a test simulator). Without it a
+    /// managed tenant's endpoints derive from its `cloud` alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_tenant_endpoints: Option<TenantEndpoints>,
+}
+
+/// `[management.managed_tenant_endpoints]`: endpoint overrides the local file gives the tenants the
+/// backend sets. Invariant: only ever read from the local file; a managed configuration that names any of
+/// these keys is refused.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantEndpoints {
+    /// Login host instead of the cloud's authority (`https://`).
+    pub login_url: Option<String>,
+    /// API host instead of the cloud's (`https://`).
+    pub api_url: Option<String>,
+    /// Extra trust anchors (PEM) for those endpoints.
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_heartbeat_secs() -> u64 {
@@ -52,9 +71,13 @@ impl Default for ManagementConfig {
     fn default() -> Self {
         Self {
             heartbeat_secs: default_heartbeat_secs(),
+            managed_tenant_endpoints: None,
         }
     }
 }
+
+/// Most tenants one sensor collects (the 200-tenant benchmark is the largest measured deployment).
+pub const MAX_TENANTS: usize = 1000;
 
 /// Where enrolment installs the device identity inside the state directory (see `sensor_control::identity`).
 pub const IDENTITY_LINK: &str = "identity";
@@ -116,25 +139,25 @@ pub struct BackendConfig {
     /// `zstd` or `gzip`.
     #[serde(default)]
     pub compression: Compression,
-    /// Largest uncompressed batch.
+    /// Largest uncompressed batch, 1024 to 64 MiB (the bound keeps a batch's buffers small).
     #[serde(default = "default_batch_max_bytes")]
     pub batch_max_bytes: u64,
-    /// Most records per batch.
+    /// Most records per batch, 1 to 100 000.
     #[serde(default = "default_batch_max_records")]
     pub batch_max_records: u64,
-    /// How long a partial batch waits for more records.
+    /// How long a partial batch waits for more records, at most 60 000 ms.
     #[serde(default = "default_batch_linger_ms")]
     pub batch_linger_ms: u64,
-    /// Batches in flight at once.
+    /// Batches in flight at once, 1 to 64.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
-    /// Connect timeout of each request.
+    /// Connect timeout of each request, 1 to 600 s.
     #[serde(default = "default_connect_timeout_secs")]
     pub connect_timeout_secs: u64,
-    /// Total timeout of each request.
+    /// Total timeout of each request, 1 to 600 s.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
-    /// Longest back-off between delivery attempts (the protocol's 5 min; lower only for tests).
+    /// Longest back-off between delivery attempts (the protocol's 5 min; lower only for tests), 1 to 900 s.
     #[serde(default = "default_retry_max_secs")]
     pub retry_max_secs: u64,
 }
@@ -166,7 +189,7 @@ fn default_request_timeout_secs() -> u64 {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
-    /// Disk cap; when reached, collection pauses (never drops).
+    /// Disk cap; when reached, collection pauses (never drops). 1 MiB to 4 TiB.
     #[serde(default = "default_spool_max_bytes")]
     pub max_bytes: u64,
     /// sled's page cache; bounds the spool's memory.
@@ -219,7 +242,7 @@ pub enum AssertionAlg {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
-    /// Free label, unique.
+    /// Free label, unique: 1 to 64 letters, digits, '-', '_' or '.'.
     pub name: String,
     /// Directory (tenant) id, a GUID.
     pub tenant_id: String,
@@ -240,25 +263,26 @@ pub struct TenantConfig {
     /// Content types to collect.
     #[serde(default = "default_content_types")]
     pub content_types: Vec<String>,
-    /// How far back the first start reaches (at most 168).
+    /// How far back the first start reaches, at most 168 (Microsoft's 7-day retention).
     #[serde(default = "default_backfill_hours")]
     pub backfill_hours: u32,
-    /// Time between polls of each content type (at least 1).
+    /// Time between polls of each content type, 1 to 3600 s.
     #[serde(default = "default_poll_interval_secs")]
     pub poll_interval_secs: u64,
-    /// How far back every poll re-lists, to find content listed late.
+    /// How far back every poll re-lists, to find content listed late, 1 to 167 hours.
     #[serde(default = "default_lookback_hours")]
     pub lookback_hours: u32,
-    /// How often the whole retention window is re-listed for replays.
+    /// How often the whole retention window is re-listed for replays, 1 to 168 hours.
     #[serde(default = "default_deep_sweep_hours")]
     pub deep_sweep_hours: u32,
-    /// Requests per minute to this tenant, shared by its content types.
+    /// Requests per minute to this tenant, shared by its content types, 1 to 60 000 (Microsoft's
+    /// largest documented per-tenant allowance).
     #[serde(default = "default_max_requests_per_minute")]
     pub max_requests_per_minute: u32,
-    /// Largest content blob accepted; a larger one is quarantined.
+    /// Largest content blob accepted; a larger one is quarantined. 1024 to 256 MiB.
     #[serde(default = "default_max_blob_bytes")]
     pub max_blob_bytes: u64,
-    /// Total timeout of each Microsoft request.
+    /// Total timeout of each Microsoft request, 1 to 600 s.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
     /// `PublisherIdentifier` sent on every request; defaults to the tenant id.
@@ -479,33 +503,85 @@ impl Config {
         if let Some(ca) = &b.ca_file {
             p.readable("backend.ca_file", ca);
         }
-        if b.batch_max_bytes < 1024 {
-            p.add("backend.batch_max_bytes", "must be at least 1024".into());
-        }
-        if b.batch_max_records == 0 {
-            p.add("backend.batch_max_records", "must be at least 1".into());
-        }
-        if b.max_in_flight == 0 || b.max_in_flight > 64 {
-            p.add("backend.max_in_flight", "must be between 1 and 64".into());
-        }
-        if b.request_timeout_secs == 0 || b.connect_timeout_secs == 0 {
+        p.range(
+            "backend.batch_max_bytes",
+            b.batch_max_bytes,
+            1024,
+            64 * MIB,
+            "bytes",
+        );
+        p.range(
+            "backend.batch_max_records",
+            b.batch_max_records,
+            1,
+            100_000,
+            "records",
+        );
+        p.range(
+            "backend.batch_linger_ms",
+            b.batch_linger_ms,
+            0,
+            60_000,
+            "ms",
+        );
+        p.range(
+            "backend.max_in_flight",
+            u64::from(b.max_in_flight),
+            1,
+            64,
+            "batches",
+        );
+        p.range(
+            "backend.connect_timeout_secs",
+            b.connect_timeout_secs,
+            1,
+            600,
+            "s",
+        );
+        p.range(
+            "backend.request_timeout_secs",
+            b.request_timeout_secs,
+            1,
+            600,
+            "s",
+        );
+        p.range("backend.retry_max_secs", b.retry_max_secs, 1, 900, "s");
+        p.range(
+            "management.heartbeat_secs",
+            self.management.heartbeat_secs,
+            1,
+            3600,
+            "s",
+        );
+        if self.tenants.len() > MAX_TENANTS {
             p.add(
-                "backend.request_timeout_secs",
-                "timeouts must be at least 1 second".into(),
+                "tenant",
+                format!(
+                    "{} tenants is above the bound of {MAX_TENANTS} one sensor collects",
+                    self.tenants.len()
+                ),
             );
         }
-        if b.retry_max_secs == 0 || b.retry_max_secs > 900 {
-            p.add("backend.retry_max_secs", "must be between 1 and 900".into());
+        if let Some(e) = &self.management.managed_tenant_endpoints {
+            let k = |f: &str| format!("management.managed_tenant_endpoints.{f}");
+            for (f, v) in [("login_url", &e.login_url), ("api_url", &e.api_url)] {
+                if let Some(u) = v {
+                    if !u.starts_with("https://") {
+                        p.add(&k(f), format!("`{u}` is not an https:// URL"));
+                    }
+                }
+            }
+            if let Some(ca) = &e.ca_file {
+                p.readable(&k("ca_file"), ca);
+            }
         }
-        if self.management.heartbeat_secs == 0 || self.management.heartbeat_secs > 3600 {
-            p.add(
-                "management.heartbeat_secs",
-                "must be between 1 and 3600".into(),
-            );
-        }
-        if self.spool.max_bytes < 1024 * 1024 {
-            p.add("spool.max_bytes", "must be at least 1048576 (1 MiB)".into());
-        }
+        p.range(
+            "spool.max_bytes",
+            self.spool.max_bytes,
+            MIB,
+            4 * 1024 * 1024 * MIB,
+            "bytes",
+        );
         if self.spool.dedup_days < 8 || self.spool.dedup_days > 30 {
             p.add(
                 "spool.dedup_days",
@@ -516,6 +592,7 @@ impl Config {
         for (i, t) in self.tenants.iter().enumerate() {
             let k = |f: &str| format!("tenant[{i}].{f}");
             if t.name.is_empty()
+                || t.name.len() > 64
                 || !t
                     .name
                     .chars()
@@ -524,7 +601,7 @@ impl Config {
                 p.add(
                     &k("name"),
                     format!(
-                        "`{}` must be non-empty letters, digits, '-', '_' or '.'",
+                        "`{}` must be 1 to 64 letters, digits, '-', '_' or '.'",
                         t.name
                     ),
                 );
@@ -593,24 +670,42 @@ impl Config {
                     ),
                 );
             }
-            if t.lookback_hours == 0 || t.lookback_hours > 167 {
-                p.add(&k("lookback_hours"), "must be between 1 and 167".into());
-            }
-            if t.deep_sweep_hours == 0 {
-                p.add(&k("deep_sweep_hours"), "must be at least 1".into());
-            }
-            if t.poll_interval_secs == 0 {
-                p.add(&k("poll_interval_secs"), "must be at least 1".into());
-            }
-            if t.max_requests_per_minute == 0 {
-                p.add(&k("max_requests_per_minute"), "must be at least 1".into());
-            }
-            if t.max_blob_bytes < 1024 {
-                p.add(&k("max_blob_bytes"), "must be at least 1024".into());
-            }
-            if t.request_timeout_secs == 0 {
-                p.add(&k("request_timeout_secs"), "must be at least 1".into());
-            }
+            p.range(
+                &k("lookback_hours"),
+                t.lookback_hours.into(),
+                1,
+                167,
+                "hours",
+            );
+            p.range(
+                &k("deep_sweep_hours"),
+                t.deep_sweep_hours.into(),
+                1,
+                168,
+                "hours",
+            );
+            p.range(&k("poll_interval_secs"), t.poll_interval_secs, 1, 3600, "s");
+            p.range(
+                &k("max_requests_per_minute"),
+                t.max_requests_per_minute.into(),
+                1,
+                60_000,
+                "requests",
+            );
+            p.range(
+                &k("max_blob_bytes"),
+                t.max_blob_bytes,
+                1024,
+                256 * MIB,
+                "bytes",
+            );
+            p.range(
+                &k("request_timeout_secs"),
+                t.request_timeout_secs,
+                1,
+                600,
+                "s",
+            );
             if let Some(pid) = &t.publisher_identifier {
                 if !is_guid(pid) {
                     p.add(&k("publisher_identifier"), format!("`{pid}` is not a GUID"));
@@ -648,7 +743,8 @@ const TOP_KEYS: &[&str] = &[
     "network",
     "management",
 ];
-const MANAGEMENT_KEYS: &[&str] = &["heartbeat_secs"];
+const MANAGEMENT_KEYS: &[&str] = &["heartbeat_secs", "managed_tenant_endpoints"];
+const ENDPOINT_KEYS: &[&str] = &["login_url", "api_url", "ca_file"];
 const BACKEND_KEYS: &[&str] = &[
     "url",
     "token_file",
@@ -736,6 +832,13 @@ fn unknown_keys(v: &toml::Value) -> Vec<ConfigProblem> {
         "management.",
         MANAGEMENT_KEYS,
     );
+    check(
+        v.get("management")
+            .and_then(|m| m.get("managed_tenant_endpoints"))
+            .and_then(toml::Value::as_table),
+        "management.managed_tenant_endpoints.",
+        ENDPOINT_KEYS,
+    );
     for (i, t) in v
         .get("tenant")
         .and_then(toml::Value::as_array)
@@ -763,6 +866,8 @@ pub fn is_guid(s: &str) -> bool {
             .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+const MIB: u64 = 1024 * 1024;
+
 #[derive(Default)]
 struct Problems(Vec<ConfigProblem>);
 
@@ -772,6 +877,22 @@ impl Problems {
             field: field.to_string(),
             reason,
         });
+    }
+
+    /// `value` of `field` must lie in `min..=max` (`unit` names what it counts). Every number the backend
+    /// may set has such a bound, so no remote value can ask for unbounded memory, time or disk.
+    fn range(&mut self, field: &str, value: u64, min: u64, max: u64, unit: &str) {
+        if value < min {
+            self.add(
+                field,
+                format!("{value} is below the lower bound {min} ({unit}): must be between {min} and {max}"),
+            );
+        } else if value > max {
+            self.add(
+                field,
+                format!("{value} is above the upper bound {max} ({unit}): must be between {min} and {max}"),
+            );
+        }
     }
 
     fn readable(&mut self, field: &str, path: &Path) {
@@ -859,6 +980,78 @@ backfill_hours = 200
         assert!(unknown.to_string().contains("bogus"), "{unknown}");
     }
 
+    /// Issue 18 item 1: every number the backend may set has an upper bound, named with the value.
+    #[test]
+    fn every_remotely_settable_number_is_bounded() {
+        let dir = tempfile::tempdir().expect("dir");
+        let token = write(dir.path(), "t", "x", 0o600);
+        let secret = write(dir.path(), "s", "x", 0o600);
+        let text = format!(
+            r#"
+[backend]
+url = "https://b"
+token_file = "{}"
+batch_max_bytes = 1099511627776
+batch_max_records = 100000000
+batch_linger_ms = 86400000
+max_in_flight = 4000000000
+connect_timeout_secs = 9223372036854775807
+request_timeout_secs = 100000
+retry_max_secs = 100000
+[spool]
+max_bytes = 9223372036854775807
+[management]
+heartbeat_secs = 31536000
+[[tenant]]
+name = "{}"
+tenant_id = "00000000-0000-0000-0000-000000000000"
+client_id = "00000000-0000-0000-0000-000000000000"
+client_secret_file = "{}"
+backfill_hours = 4000000000
+poll_interval_secs = 31536000
+lookback_hours = 4000000000
+deep_sweep_hours = 4000000000
+max_requests_per_minute = 4000000000
+max_blob_bytes = 1099511627776
+request_timeout_secs = 86400
+"#,
+            token.display(),
+            "n".repeat(65),
+            secret.display()
+        );
+        let err = Config::from_toml(&text, Path::new("sensor.toml")).expect_err("bounded");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}")
+        };
+        for (field, value) in [
+            ("backend.batch_max_bytes", "1099511627776"),
+            ("backend.batch_max_records", "100000000"),
+            ("backend.batch_linger_ms", "86400000"),
+            ("backend.max_in_flight", "4000000000"),
+            ("backend.connect_timeout_secs", "9223372036854775807"),
+            ("backend.request_timeout_secs", "100000"),
+            ("backend.retry_max_secs", "100000"),
+            ("spool.max_bytes", "9223372036854775807"),
+            ("management.heartbeat_secs", "31536000"),
+            ("tenant[0].name", "nnnn"),
+            ("tenant[0].backfill_hours", "4000000000"),
+            ("tenant[0].poll_interval_secs", "31536000"),
+            ("tenant[0].lookback_hours", "4000000000"),
+            ("tenant[0].deep_sweep_hours", "4000000000"),
+            ("tenant[0].max_requests_per_minute", "4000000000"),
+            ("tenant[0].max_blob_bytes", "1099511627776"),
+            ("tenant[0].request_timeout_secs", "86400"),
+        ] {
+            let p = problems.iter().find(|p| p.field == field);
+            let reason = p.map(|p| p.reason.as_str()).unwrap_or_default();
+            assert!(reason.contains(value), "{field}: {reason:?} in {err}");
+            if field != "tenant[0].name" && field != "tenant[0].backfill_hours" {
+                assert!(reason.contains("upper bound"), "{field}: {reason}");
+            }
+        }
+        assert_eq!(problems.len(), 17, "{err}");
+    }
+
     /// Found by `make fuzz` (input `''=3`): an empty key was reported with an empty field name.
     #[test]
     fn a_key_that_is_not_bare_is_named_quoted() {
@@ -935,7 +1128,14 @@ backfill_hours = 200
             network: NetworkConfig {
                 proxy: Some("http://p".into()),
             },
-            management: ManagementConfig::default(),
+            management: ManagementConfig {
+                heartbeat_secs: 1,
+                managed_tenant_endpoints: Some(TenantEndpoints {
+                    login_url: Some("https://l".into()),
+                    api_url: Some("https://a".into()),
+                    ca_file: Some("/ca".into()),
+                }),
+            },
         };
         let v = toml::Value::try_from(&c).expect("serializes");
         let keys = |v: Option<&toml::Value>| -> Vec<String> {
@@ -956,6 +1156,13 @@ backfill_hours = 200
         assert_eq!(keys(v.get("spool")), sorted(SPOOL_KEYS));
         assert_eq!(keys(v.get("network")), sorted(NETWORK_KEYS));
         assert_eq!(keys(v.get("management")), sorted(MANAGEMENT_KEYS));
+        assert_eq!(
+            keys(
+                v.get("management")
+                    .and_then(|m| m.get("managed_tenant_endpoints"))
+            ),
+            sorted(ENDPOINT_KEYS)
+        );
         assert_eq!(
             keys(v.get("tenant").and_then(|t| t.get(0))),
             sorted(TENANT_KEYS)

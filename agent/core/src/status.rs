@@ -64,6 +64,11 @@ pub enum State {
     SpoolLocked,
     /// A collector waits for the spool, which cannot write (its state is on the `spool` component).
     SpoolUnavailable,
+    /// The backend's managed configuration has no tenant (applied only with its `allow_no_tenants`
+    /// flag): collection is stopped on purpose.
+    NoTenants,
+    /// The backend sent a command the sensor refused to run (an invalid id, kind or arguments).
+    CommandRefused,
 }
 
 /// How bad a state is; the overall status is the worst.
@@ -96,7 +101,7 @@ impl State {
         match self {
             Ok | Starting | WaitingForFirstContent => Severity::Ok,
             SecretExpiring | Throttled | ContentExpired | SpoolHigh | Quarantined
-            | BackendUnreachable | SpoolUnavailable => Severity::Degraded,
+            | BackendUnreachable | SpoolUnavailable | NoTenants | CommandRefused => Severity::Degraded,
             AuditDisabled | SubscriptionDisabled | CredentialsInvalid | SecretExpired
             | ConsentMissing | WrongCloud | ApiUnreachable | BackendAuthFailed | SpoolFull
             | DiskFull | DiskReadOnly | DiskError | SpoolDamaged | SpoolLocked => Severity::Failed,
@@ -138,6 +143,8 @@ impl State {
             SpoolDamaged => "The spool's files are damaged where the detail says: send the `reset_spool` command to set the spool aside (kept for forensics) and start a fresh one; content not yet delivered is listed again from Microsoft's 7-day retention.",
             SpoolLocked => "Another m365-sensor uses the same state directory: stop it; this one opens the spool by itself once it is free.",
             SpoolUnavailable => "Nothing to do here: the spool component says what stops it; collection resumes by itself once the spool can write.",
+            NoTenants => "The backend's configuration names no tenant, so nothing is collected: add the tenants in the backend, or confirm the sensor is meant to be idle.",
+            CommandRefused => "The backend sent a command this sensor will not run (see the error): check the backend for compromise or a bug; nothing was run.",
         }
     }
 }

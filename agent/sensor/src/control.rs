@@ -12,7 +12,7 @@ use sensor_control::client::{ClientError, ManagementClient};
 use sensor_control::identity::{self, Identity, NewIdentity, ServerAnchors};
 use sensor_control::journal::Journal;
 use sensor_control::managed::{self, CredentialOverride, Managed};
-use sensor_control::protocol::{Command, CommandResult, HeartbeatAnswer};
+use sensor_control::protocol::{Command, CommandRefusal, CommandResult, HeartbeatAnswer};
 use sensor_control::update;
 use sensor_core::config::{BackendConfig, Config, TenantConfig};
 use sensor_core::counters::Counters;
@@ -30,6 +30,8 @@ const RENEWAL_CHECK: Duration = Duration::from_secs(60);
 /// How long a rotated credential is retried by default before it is declared refused (Entra can take
 /// about a minute to accept a new secret).
 const DEFAULT_VERIFY_SECS: u64 = 120;
+/// The longest `rotate_credentials` may retry a new credential (`args.verify_secs`).
+const MAX_VERIFY_SECS: u64 = 600;
 /// File that asks the host to reboot (watched by `m365-sensor-reboot.path`).
 pub const REBOOT_REQUEST: &str = "reboot-requested";
 /// How long the host's updater may take to install a bundle (RAUC writes a whole root slot).
@@ -147,11 +149,14 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
     let mut last_signature = String::new();
     let mut last_error: Option<String> = None;
     let mut last_renewal_check: Option<Instant> = None;
+    let mut refusals = Refusals::default();
     loop {
         if *shutdown.borrow() {
             break;
         }
-        let config = ctx.snapshot().config;
+        let published = ctx.snapshot();
+        note_no_tenants(&ctx, &published);
+        let config = published.config;
         let interval = Duration::from_secs(config.management.heartbeat_secs);
         let sig = signature(&ctx);
         let due = match last_sent {
@@ -191,7 +196,7 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
                         if last_error.take().is_some() {
                             log::info!(target: "control", "heartbeats reach the backend again");
                         }
-                        handle_answer(&ctx, c, &mut journal, answer).await;
+                        handle_answer(&ctx, c, &mut journal, &mut refusals, answer).await;
                         report_results(c, &mut journal).await;
                     }
                     Err(e) => {
@@ -216,6 +221,28 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+/// Component of the status board that shows collection stopped on purpose by the backend.
+const COLLECTION: &str = "collection";
+
+/// A managed configuration that stopped all collection (allowed only with its `allow_no_tenants` flag)
+/// is never silent: the `collection` component shows `no_tenants`, naming the version, in the status
+/// document and so in every heartbeat; it goes away with the next configuration that has a tenant.
+fn note_no_tenants(ctx: &ControlContext, p: &Published) {
+    if p.config.tenants.is_empty() && managed::allows_no_tenants(&p.managed.config) {
+        ctx.status.set(
+            COLLECTION,
+            sensor_core::status::State::NoTenants,
+            None,
+            Some(format!(
+                "the backend's configuration v{} has no tenant: collection stopped",
+                p.managed.version
+            )),
+        );
+    } else if ctx.status.get(COLLECTION).is_some() {
+        ctx.status.remove(COLLECTION);
     }
 }
 
@@ -250,10 +277,77 @@ fn note_backend_link(ctx: &ControlContext, outcome: &Result<HeartbeatAnswer, Cli
     }
 }
 
+/// Component of the status board that shows commands refused before they ran.
+const COMMANDS: &str = "commands";
+/// How many distinct unreportable refusals are remembered (so each is logged once); past it the memory
+/// starts again.
+const REFUSALS_REMEMBERED: usize = 1024;
+
+/// Commands refused before they ran (an invalid id, kind or args), so each is logged and counted once
+/// although the backend repeats it on every heartbeat.
+#[derive(Default)]
+struct Refusals {
+    seen: std::collections::HashSet<String>,
+    count: u64,
+}
+
+/// Refuses a command that failed [`Command::check`]: never run; logged once; shown in the status (the
+/// `commands` component, `command_refused`, until the agent restarts) and so in every heartbeat; and,
+/// when its id is valid, journaled with a failed result that reaches the backend like any other.
+fn refuse_command(
+    ctx: &ControlContext,
+    journal: &mut Journal,
+    refusals: &mut Refusals,
+    refusal: &CommandRefusal,
+) {
+    let text = refusal.to_string();
+    if let Some(id) = refusal.reportable_id() {
+        if journal.seen(id) {
+            return;
+        }
+        let kind = match refusal {
+            CommandRefusal::InvalidKind { kind, .. } | CommandRefusal::InvalidArgs { kind, .. } => {
+                kind.as_str()
+            }
+            _ => "refused",
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let failed = CommandResult {
+            ok: false,
+            message: text.clone(),
+        };
+        if let Err(e) = journal
+            .begin(id, kind, now)
+            .and_then(|()| journal.finish(id, failed))
+        {
+            log::error!(target: "control", "cannot journal the refusal of command {id}: {e}");
+        }
+    } else {
+        if refusals.seen.len() >= REFUSALS_REMEMBERED {
+            refusals.seen.clear();
+        }
+        if !refusals.seen.insert(text.clone()) {
+            return;
+        }
+    }
+    refusals.count += 1;
+    log::error!(target: "control", "{text}");
+    ctx.status.set(
+        COMMANDS,
+        sensor_core::status::State::CommandRefused,
+        Some(text),
+        Some(format!(
+            "{} command(s) refused since the agent started",
+            refusals.count
+        )),
+    );
+}
+
 async fn handle_answer(
     ctx: &ControlContext,
     c: &ManagementClient,
     journal: &mut Journal,
+    refusals: &mut Refusals,
     answer: HeartbeatAnswer,
 ) {
     let status = ctx.snapshot().config_status;
@@ -262,11 +356,29 @@ async fn handle_answer(
     {
         fetch_and_apply(ctx, c).await;
     }
-    for cmd in answer.commands {
+    for checked in answer.commands() {
+        let cmd = match checked {
+            Ok(cmd) => cmd,
+            Err(refusal) => {
+                refuse_command(ctx, journal, refusals, &refusal);
+                continue;
+            }
+        };
         if journal.seen(&cmd.id) {
             continue;
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some(reason) = journal.rate_limit(&cmd.kind, now) {
+            log::warn!(target: "control", "command {} ({}) refused: {reason}", cmd.id, cmd.kind);
+            let refused = CommandResult {
+                ok: false,
+                message: format!("{}: {reason}", cmd.kind),
+            };
+            if let Err(e) = journal.refuse_rate_limited(&cmd.id, &cmd.kind, now, refused) {
+                log::error!(target: "control", "cannot journal the refusal of command {}: {e}", cmd.id);
+            }
+            continue;
+        }
         if let Err(e) = journal.begin(&cmd.id, &cmd.kind, now) {
             log::error!(target: "control", "cannot journal command {} ({e}); it is not run", cmd.id);
             continue;
@@ -374,6 +486,57 @@ fn result(r: Result<String, String>) -> CommandResult {
     }
 }
 
+/// The args each command kind this sensor runs may carry; any other arg is refused before the command
+/// runs, so no command takes a file name, a path or an endpoint from the network. `install_update`
+/// checks its own (`update::UpdateRequest::from_args`); kinds not listed here check their own.
+const COMMAND_ARGS: &[(&str, &[&str])] = &[
+    ("set_log_level", &["level"]),
+    ("resync", &["tenant", "start", "content_type"]),
+    (
+        "rotate_credentials",
+        &[
+            "tenant",
+            "client_secret",
+            "certificate_pem",
+            "private_key_pem",
+            "client_secret_expires",
+            "verify_secs",
+        ],
+    ),
+    ("collect_diagnostics", &[]),
+    ("reboot", &[]),
+    ("reset_spool", &[]),
+];
+
+/// Refuses a command carrying an arg its kind does not take, naming the args (escaped) and what it takes.
+fn check_args(cmd: &Command) -> Result<(), String> {
+    let Some((_, allowed)) = COMMAND_ARGS.iter().find(|(k, _)| *k == cmd.kind) else {
+        return Ok(());
+    };
+    let unknown: Vec<String> = cmd
+        .args
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .map(|k| sensor_control::protocol::shown(k))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let takes = if allowed.is_empty() {
+        "no args".to_string()
+    } else {
+        allowed.join(", ")
+    };
+    Err(format!(
+        "{}: args {} refused, not run: this command takes {takes}",
+        cmd.kind,
+        unknown.join(", ")
+    ))
+}
+
 async fn execute(
     ctx: &ControlContext,
     c: &ManagementClient,
@@ -385,6 +548,9 @@ async fn execute(
             Ok((message, then)) => (CommandResult { ok: true, message }, then),
             Err(message) => (CommandResult { ok: false, message }, Then::Done),
         };
+    }
+    if let Err(refusal) = check_args(cmd) {
+        return (result(Err(refusal)), Then::Done);
     }
     let r = match cmd.kind.as_str() {
         "set_log_level" => set_log_level(cmd),
@@ -515,6 +681,17 @@ async fn rotate_credentials(ctx: &ControlContext, cmd: &Command) -> Result<Strin
             return Err(format!("rotate_credentials: args.client_secret_expires `{d}` is not a date of the form YYYY-MM-DD"));
         }
     }
+    let verify_secs = match cmd.args.get("verify_secs") {
+        None => DEFAULT_VERIFY_SECS,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_VERIFY_SECS).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "rotate_credentials: args.verify_secs {v} is out of range: must be between 1 and {MAX_VERIFY_SECS} (s); the old credential stays"
+                ))
+            }
+        },
+    };
     let store = |ext: &str, text: &str| -> Result<PathBuf, String> {
         let path = managed::credential_path(&ctx.state_dir, &name, ext, text.trim());
         managed::write_credential(&path, text.trim())
@@ -541,12 +718,6 @@ async fn rotate_credentials(ctx: &ControlContext, cmd: &Command) -> Result<Strin
         client_secret_expires: o.client_secret_expires.clone(),
         ..tenant
     };
-    let verify_secs = cmd
-        .args
-        .get("verify_secs")
-        .and_then(Value::as_u64)
-        .unwrap_or(DEFAULT_VERIFY_SECS)
-        .min(600);
     verify_credential(
         &candidate,
         published.config.network.proxy.as_deref(),
@@ -697,5 +868,48 @@ async fn renew_if_due(ctx: &ControlContext, c: &ManagementClient) -> bool {
             log::warn!(target: "control", "renewing the device certificate (expires {}): {e}; retried in a minute", time::OffsetDateTime::from_unix_timestamp(current.not_after).map(sensor_core::timefmt::rfc3339).unwrap_or_default());
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(kind: &str, args: Value) -> Command {
+        Command {
+            id: "c1".into(),
+            kind: kind.into(),
+            args,
+        }
+    }
+
+    /// Issue 18 item 1, the command side: no command takes a file or an endpoint from the network.
+    #[test]
+    fn commands_refuse_args_they_do_not_take() {
+        let e = check_args(&cmd(
+            "rotate_credentials",
+            serde_json::json!({"tenant": "a", "client_secret_file": "/proc/self/environ", "login_url": "https://x"}),
+        ))
+        .expect_err("refused");
+        assert!(
+            e.contains(r#""client_secret_file""#) && e.contains(r#""login_url""#),
+            "{e}"
+        );
+        assert!(e.starts_with("rotate_credentials: args"), "{e}");
+        let e = check_args(&cmd("reboot", serde_json::json!({"path": "/x"}))).expect_err("refused");
+        assert!(e.contains("takes no args"), "{e}");
+        assert!(check_args(&cmd(
+            "rotate_credentials",
+            serde_json::json!({"tenant": "a", "client_secret": "s", "verify_secs": 5})
+        ))
+        .is_ok());
+        assert!(check_args(&cmd(
+            "resync",
+            serde_json::json!({"tenant": "a", "start": "x", "content_type": "Audit.General"})
+        ))
+        .is_ok());
+        let e = check_args(&cmd("reset_spool", serde_json::json!({"path": "/x"})))
+            .expect_err("refused");
+        assert!(e.contains("takes no args"), "{e}");
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! Invariant: every address is 127.0.0.1; every process is killed when its handle drops.
 
+pub mod trap;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

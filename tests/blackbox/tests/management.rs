@@ -218,16 +218,25 @@ fn alpha_rig(d: &Path, scenario: &str) -> anyhow::Result<(Sim, Receiver, std::pa
         SECRET_A,
         &["Audit.Exchange", "Audit.General"],
     );
-    let cfg = write_config(d, &sim, &rx, &[a], "", "[management]\nheartbeat_secs = 1\n")?;
+    let cfg = write_config(d, &sim, &rx, &[a], "", &management_toml(&sim))?;
     Ok((sim, rx, cfg))
 }
 
-fn managed_tenant(sim: &Sim, name: &str, tid: &str, secret: &str) -> Value {
+/// `[management]` with 1-s heartbeats, the tenants the backend sets pointed (locally) at the simulator.
+fn management_toml(sim: &Sim) -> String {
+    format!(
+        "[management]\nheartbeat_secs = 1\n[management.managed_tenant_endpoints]\nlogin_url = \"{}\"\napi_url = \"{}\"\nca_file = \"{}\"\n",
+        sim.url,
+        sim.url,
+        sim.ca_file.display()
+    )
+}
+
+fn managed_tenant(name: &str, tid: &str, secret: &str) -> Value {
     json!({
         "name": name, "tenant_id": tid, "client_id": CID, "client_secret": secret,
         "cloud": "commercial", "content_types": ["Audit.Exchange", "Audit.General"],
         "backfill_hours": 24, "poll_interval_secs": 1, "request_timeout_secs": 5,
-        "login_url": sim.url, "api_url": sim.url, "ca_file": sim.ca_file,
     })
 }
 
@@ -245,10 +254,10 @@ fn remote_configuration_and_commands_apply_live_and_run_once() -> anyhow::Result
     })?;
 
     // v1: beta added with an inline secret, gzip for the batches.
-    let local_alpha = managed_tenant(&sim, "alpha", A, SECRET_A);
+    let local_alpha = managed_tenant("alpha", A, SECRET_A);
     rx.post_json(
         "/_rx/config",
-        json!({"config": {"tenant": [local_alpha, managed_tenant(&sim, "beta", B, SECRET_B)], "backend": {"compression": "gzip"}}}),
+        json!({"config": {"tenant": [local_alpha, managed_tenant("beta", B, SECRET_B)], "backend": {"compression": "gzip"}}}),
     )?;
     wait_for(Duration::from_secs(30), "config v1 applied", || {
         (sensor_status(d)?["config"]["version"].as_u64()? == 1).then_some(())
@@ -446,10 +455,10 @@ fn kills_during_a_command_and_during_config_changes_lose_nothing_and_rerun_nothi
     // Configuration versions applied while the agent is killed at random moments.
     let mut rng = 0x9e37_79b9_u64;
     let both = json!([
-        managed_tenant(&sim, "alpha", A, SECRET_A),
-        managed_tenant(&sim, "beta", B, SECRET_B),
+        managed_tenant("alpha", A, SECRET_A),
+        managed_tenant("beta", B, SECRET_B),
     ]);
-    let only_beta = json!([managed_tenant(&sim, "beta", B, SECRET_B)]);
+    let only_beta = json!([managed_tenant("beta", B, SECRET_B)]);
     let mut version = 0;
     for round in 0..6 {
         version = rx.post_json("/_rx/config", json!({"config": {"tenant": if round % 2 == 0 { both.clone() } else { only_beta.clone() }}}))?["version"].as_u64().unwrap_or(0);
