@@ -806,6 +806,136 @@ mod tests {
         }
     }
 
+    /// A plain-HTTP server on loopback: Entra's token endpoint answers `token_body`, every other
+    /// request gets `page_len` bytes of `[`, announced with a Content-Length or (`announce` false)
+    /// delimited by closing the connection. Returns its base URL.
+    async fn serve(token_body: Vec<u8>, page_len: usize, announce: bool) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let token_body = token_body.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let body_len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + body_len {
+                            continue;
+                        }
+                        buf.drain(..end + 4 + body_len);
+                        let (body, close) = if head.contains("/oauth2/v2.0/token") {
+                            (token_body.clone(), false)
+                        } else {
+                            (vec![b'['; page_len], !announce)
+                        };
+                        let head = if close {
+                            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_string()
+                        } else {
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                        };
+                        if s.write_all(head.as_bytes()).await.is_err()
+                            || s.write_all(&body).await.is_err()
+                            || close
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// An API client of `base` (login and API on the same server), with a client secret.
+    fn client_of(base: &str) -> ApiClient {
+        let secret =
+            std::env::temp_dir().join(format!("collector-api-test-{}", rand::random::<u64>()));
+        std::fs::write(&secret, "s").expect("secret file");
+        let tenant: sensor_core::config::TenantConfig = serde_json::from_value(serde_json::json!({
+            "name": "t",
+            "tenant_id": "11111111-2222-4333-8444-555555555555",
+            "client_id": "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee",
+            "client_secret_file": secret,
+            "login_url": base,
+            "api_url": base,
+        }))
+        .expect("tenant");
+        let http = reqwest::Client::new();
+        let tokens = Arc::new(TokenProvider::new(&tenant, http.clone()).expect("credential"));
+        let _ = std::fs::remove_file(&secret);
+        ApiClient::new(
+            http,
+            base,
+            &tenant.tenant_id,
+            "p",
+            tokens,
+            Arc::new(RateLimiter::new(60_000)),
+            Arc::new(Counters::default()),
+            1024,
+        )
+    }
+
+    const TOKEN: &[u8] = br#"{"token_type":"Bearer","expires_in":3599,"access_token":"t"}"#;
+
+    #[tokio::test]
+    async fn a_listing_page_over_its_cap_is_refused_announced_or_not() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let over = MAX_LISTING_PAGE_BYTES as usize + 1;
+        for announce in [true, false] {
+            let base = serve(TOKEN.to_vec(), over, announce).await;
+            let api = client_of(&base);
+            let url = format!("{base}/api/v1.0/x/activity/feed/subscriptions/content");
+            match api.list_page(&url).await {
+                Err(ApiError::TooLarge { limit }) => assert_eq!(limit, MAX_LISTING_PAGE_BYTES),
+                other => panic!("announce {announce}: {other:?}"),
+            }
+        }
+        // At the cap the page is read (and then judged on its content).
+        let base = serve(TOKEN.to_vec(), MAX_LISTING_PAGE_BYTES as usize, false).await;
+        let url = format!("{base}/api/v1.0/x/activity/feed/subscriptions/content");
+        assert!(matches!(
+            client_of(&base).list_page(&url).await,
+            Err(ApiError::BadResponse { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_token_answer_over_its_cap_is_cut_and_refused() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut huge = br#"{"token_type":"Bearer","expires_in":3599,"access_token":""#.to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+        huge.extend_from_slice(br#""}"#);
+        let base = serve(huge, 2, true).await;
+        let err = client_of(&base)
+            .tokens()
+            .token()
+            .await
+            .expect_err("a 1 MiB token answer");
+        assert!(
+            err.to_string().contains("token response is not valid JSON"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_listing_follows_next_page_uris_until_a_page_has_none() {
         let mut l = Listing::new("https://m/p1".into());
