@@ -3,8 +3,17 @@
 //! and total timeouts and a size cap on its body; a 401 refreshes the token once and retries the same
 //! request; AF429 is throttling whatever its HTTP status; `NextPageUri` and `contentUri` are followed only
 //! on the API's own origin (a token is never sent elsewhere).
+//!
+//! Listings are read one page at a time ([`ApiClient::list_page`], driven by a [`Listing`]): the caller
+//! processes a page's items before it asks for the next, so what one window holds in memory is one page
+//! (at most [`MAX_LISTING_PAGE_BYTES`] of body) plus one 8-byte hash per page followed. A listing that does
+//! not end (a `NextPageUri` on every page, new items or the same ones, or a URL seen before) is cut at
+//! [`MAX_PAGES_PER_WINDOW`] pages, [`MAX_ITEMS_PER_WINDOW`] items or [`MAX_LISTING_BYTES_PER_WINDOW`]
+//! bytes, or at the first repeated URL, and the cut is reported ([`ListingCut`]), never silent.
 
-use std::collections::HashSet;
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,14 +27,28 @@ use crate::auth::{describe_reqwest, AuthError, TokenProvider};
 use crate::ratelimit::RateLimiter;
 use crate::window::Window;
 
-/// Most pages followed for one window.
-pub const MAX_PAGES: usize = 10_000;
+/// Most pages listed for one window (its first page and every `NextPageUri` after it). Far above a real
+/// listing (a window of at most 24 h; Microsoft's pages hold many items each), low enough that a
+/// listing which never ends costs one window at most this many requests per cycle.
+pub const MAX_PAGES_PER_WINDOW: u32 = 10_000;
+/// Most content items listed for one window (already-done and repeated items count too): 100,000 blobs
+/// in at most 24 h of one content type is more than a tenant of 100,000 users makes; a listing past it
+/// is hostile or broken, and the cap bounds the blob fetches and done-mark lookups it can cause.
+pub const MAX_ITEMS_PER_WINDOW: u64 = 100_000;
+/// Most listing bytes received for one window (the bodies of all its pages): 100,000 items of ~500
+/// bytes is 50 MB; 256 MiB bounds the traffic a listing without end can demand per window and cycle.
+pub const MAX_LISTING_BYTES_PER_WINDOW: u64 = 256 * 1024 * 1024;
+/// Cap on one listing page's body, the most a window holds at once: 4 MiB is ~8,000 items of ~500 bytes
+/// (a page of Microsoft's holds a few hundred at most).
+pub const MAX_LISTING_PAGE_BYTES: u64 = 4 * 1024 * 1024;
 /// Throttling answers waited out in place before the error reaches the collector.
 pub const THROTTLE_RETRIES: u32 = 8;
 /// Transient failures of a listing or subscription call retried in place.
 pub const LIST_RETRIES: u32 = 3;
-/// Cap on error and listing bodies.
-const SMALL_BODY_CAP: u64 = 16 * 1024 * 1024;
+/// Cap on the bodies of the subscription calls (start, list: a few hundred bytes each).
+const SMALL_BODY_CAP: u64 = 1024 * 1024;
+/// Cap on the body of an error answer (what [`classify`] reads).
+const ERROR_BODY_CAP: u64 = 64 * 1024;
 
 /// A listed content blob.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -361,7 +384,7 @@ impl ApiClient {
             let cap = if resp.status().is_success() {
                 cap
             } else {
-                SMALL_BODY_CAP.min(64 * 1024)
+                ERROR_BODY_CAP
             };
             if resp.content_length().is_some_and(|l| l > cap) {
                 return Err(ApiError::TooLarge { limit: cap });
@@ -455,45 +478,52 @@ impl ApiClient {
         })
     }
 
-    /// Lists the content of `window`, following `NextPageUri` (or `NextPageUrl`) until none is given,
-    /// a page repeats, or [`MAX_PAGES`] is reached.
+    /// The URL of the first page of the listing of `content_type` over `window`.
+    pub fn content_url(&self, content_type: &str, window: Window) -> String {
+        format!(
+            "{}/subscriptions/content?contentType={content_type}&startTime={}&endTime={}",
+            self.root,
+            sensor_core::timefmt::api_time(window.start),
+            sensor_core::timefmt::api_time(window.end)
+        )
+    }
+
+    /// Fetches one page of a content listing: its items (body capped at [`MAX_LISTING_PAGE_BYTES`]) and
+    /// its `NextPageUri` (or `NextPageUrl`), if any and not empty.
+    pub async fn list_page(&self, url: &str) -> Result<Page, ApiError> {
+        let (headers, body) = self
+            .send_retrying(Method::GET, url, MAX_LISTING_PAGE_BYTES, LIST_RETRIES)
+            .await?;
+        let next = headers
+            .get("NextPageUri")
+            .or_else(|| headers.get("NextPageUrl"))
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string);
+        Ok(Page {
+            items: parse_listing(&body)?,
+            next,
+            bytes: body.len() as u64,
+        })
+    }
+
+    /// Lists the content of `window` whole, page by page through a [`Listing`] (so within its caps), for
+    /// the `doctor` command's count. Collectors use [`Self::list_page`] and process each page before the
+    /// next. A cut listing answers the items listed until the cut.
     pub async fn list_content(
         &self,
         content_type: &str,
         window: Window,
     ) -> Result<Vec<ContentItem>, ApiError> {
-        let mut url = format!(
-            "{}/subscriptions/content?contentType={content_type}&startTime={}&endTime={}",
-            self.root,
-            sensor_core::timefmt::api_time(window.start),
-            sensor_core::timefmt::api_time(window.end)
-        );
+        let mut listing = Listing::new(self.content_url(content_type, window));
         let mut items = Vec::new();
-        let mut seen_pages = HashSet::new();
-        for _ in 0..MAX_PAGES {
-            let (headers, body) = self
-                .send_retrying(Method::GET, &url, SMALL_BODY_CAP, LIST_RETRIES)
-                .await?;
-            items.extend(parse_listing(&body)?);
-            let next = headers
-                .get("NextPageUri")
-                .or_else(|| headers.get("NextPageUrl"))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            match next {
-                None => return Ok(items),
-                Some(n) if n.is_empty() => return Ok(items),
-                Some(n) => {
-                    seen_pages.insert(url.clone());
-                    if seen_pages.contains(&n) {
-                        log::warn!(target: "collector", "NextPageUri repeats an earlier page ({content_type}); stopping this listing");
-                        return Ok(items);
-                    }
-                    url = n;
-                }
+        while let Some(url) = listing.next_url().map(str::to_string) {
+            let page = self.list_page(&url).await?;
+            if let Progress::Cut(cut) = listing.accept(&page) {
+                log::warn!(target: "collector", content_type; "{}", cut.describe(content_type, window));
             }
+            items.extend(page.items);
         }
-        log::warn!(target: "collector", "listing of {content_type} exceeded {MAX_PAGES} pages; stopping");
         Ok(items)
     }
 
@@ -502,6 +532,184 @@ impl ApiClient {
         self.send_retrying(Method::GET, content_uri, self.max_blob_bytes, 0)
             .await
             .map(|(_, b)| b)
+    }
+}
+
+/// One page of a content listing.
+#[derive(Debug)]
+pub struct Page {
+    /// The page's items, in the order served.
+    pub items: Vec<ContentItem>,
+    /// Its `NextPageUri`, when present and not empty.
+    pub next: Option<String>,
+    /// The size of its body.
+    pub bytes: u64,
+}
+
+/// The caps of one window's listing (see [`MAX_PAGES_PER_WINDOW`] and the constants beside it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListingCaps {
+    /// Most pages.
+    pub pages: u32,
+    /// Most items.
+    pub items: u64,
+    /// Most body bytes, all pages together.
+    pub bytes: u64,
+}
+
+impl Default for ListingCaps {
+    fn default() -> Self {
+        Self {
+            pages: MAX_PAGES_PER_WINDOW,
+            items: MAX_ITEMS_PER_WINDOW,
+            bytes: MAX_LISTING_BYTES_PER_WINDOW,
+        }
+    }
+}
+
+/// Why a window's listing was cut before Microsoft ended it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutReason {
+    /// The page cap was reached with a `NextPageUri` still given.
+    Pages,
+    /// The item cap was reached with a `NextPageUri` still given.
+    Items,
+    /// The byte cap was reached with a `NextPageUri` still given.
+    Bytes,
+    /// A `NextPageUri` named a page already listed in this window (its 1-based number).
+    Loop {
+        /// The page it repeats.
+        repeats_page: u32,
+    },
+}
+
+/// A listing cut short: what had been listed (and handed to the caller) when it was cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListingCut {
+    /// Why.
+    pub reason: CutReason,
+    /// Pages listed, the first included.
+    pub pages: u32,
+    /// `NextPageUri`s followed (`pages - 1`).
+    pub next_page_uris: u32,
+    /// Items listed.
+    pub items: u64,
+    /// Body bytes listed.
+    pub bytes: u64,
+    /// The caps in force.
+    pub caps: ListingCaps,
+}
+
+impl ListingCut {
+    /// The status text: the stream, the window, the `NextPageUri` count, the cap and what happens next.
+    pub fn describe(&self, content_type: &str, window: Window) -> String {
+        let why = match self.reason {
+            CutReason::Pages => format!("at the cap of {} pages per window", self.caps.pages),
+            CutReason::Items => format!("at the cap of {} items per window", self.caps.items),
+            CutReason::Bytes => format!("at the cap of {} bytes per window", self.caps.bytes),
+            CutReason::Loop { repeats_page } => {
+                format!("its NextPageUri repeats page {repeats_page}")
+            }
+        };
+        format!(
+            "the listing of {content_type} for {}..{} did not end: cut after following {} NextPageUri ({} pages, {} items, {} bytes), {why}; the items listed were processed, the rest of the window is listed again next cycle",
+            sensor_core::timefmt::api_time(window.start),
+            sensor_core::timefmt::api_time(window.end),
+            self.next_page_uris,
+            self.pages,
+            self.items,
+            self.bytes
+        )
+    }
+}
+
+/// What a listing does after a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Another page follows ([`Listing::next_url`]).
+    More,
+    /// The page had no `NextPageUri`: the window is listed whole.
+    Complete,
+    /// The listing was cut; the window is not listed whole.
+    Cut(ListingCut),
+}
+
+/// The pagination of one window's listing. Invariants: it hands out at most `caps.pages` URLs, never a
+/// URL it handed out before (compared by a keyed 64-bit hash, so what it keeps is 8 bytes a page), and
+/// ends either [`Progress::Complete`] (a page without `NextPageUri`) or [`Progress::Cut`]; it never
+/// holds items.
+#[derive(Debug)]
+pub struct Listing {
+    next: Option<String>,
+    caps: ListingCaps,
+    pages: u32,
+    items: u64,
+    bytes: u64,
+    seen: HashMap<u64, u32>,
+    hasher: RandomState,
+}
+
+impl Listing {
+    /// A listing whose first page is at `first_url`, with the default caps.
+    pub fn new(first_url: String) -> Self {
+        Self::with_caps(first_url, ListingCaps::default())
+    }
+
+    /// A listing with other caps (tests).
+    pub fn with_caps(first_url: String, caps: ListingCaps) -> Self {
+        Self {
+            next: Some(first_url),
+            caps,
+            pages: 0,
+            items: 0,
+            bytes: 0,
+            seen: HashMap::new(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// The URL of the page to fetch next; `None` once the listing completed or was cut.
+    pub fn next_url(&self) -> Option<&str> {
+        self.next.as_deref()
+    }
+
+    /// Accounts the page just fetched from [`Self::next_url`] and decides what follows it.
+    pub fn accept(&mut self, page: &Page) -> Progress {
+        let Some(url) = self.next.take() else {
+            return Progress::Complete;
+        };
+        self.pages = self.pages.saturating_add(1);
+        self.items = self.items.saturating_add(page.items.len() as u64);
+        self.bytes = self.bytes.saturating_add(page.bytes);
+        self.seen.insert(self.hasher.hash_one(&url), self.pages);
+        let Some(next) = page.next.as_deref() else {
+            return Progress::Complete;
+        };
+        let reason = if let Some(&repeats_page) = self.seen.get(&self.hasher.hash_one(next)) {
+            Some(CutReason::Loop { repeats_page })
+        } else if self.pages >= self.caps.pages {
+            Some(CutReason::Pages)
+        } else if self.items >= self.caps.items {
+            Some(CutReason::Items)
+        } else if self.bytes >= self.caps.bytes {
+            Some(CutReason::Bytes)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Progress::Cut(ListingCut {
+                reason,
+                pages: self.pages,
+                next_page_uris: self.pages - 1,
+                items: self.items,
+                bytes: self.bytes,
+                caps: self.caps,
+            }),
+            None => {
+                self.next = Some(next.to_string());
+                Progress::More
+            }
+        }
     }
 }
 
@@ -573,6 +781,296 @@ fn origin_of(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn page(items: usize, bytes: u64, next: Option<&str>) -> Page {
+        Page {
+            items: (0..items)
+                .map(|i| ContentItem {
+                    content_type: "Audit.Exchange".into(),
+                    content_id: format!("id{i}"),
+                    content_uri: format!("https://x/{i}"),
+                    content_created: None,
+                    content_expiration: None,
+                })
+                .collect(),
+            next: next.map(str::to_string),
+            bytes,
+        }
+    }
+
+    fn caps(pages: u32, items: u64, bytes: u64) -> ListingCaps {
+        ListingCaps {
+            pages,
+            items,
+            bytes,
+        }
+    }
+
+    /// A plain-HTTP server on loopback: Entra's token endpoint answers `token_body`, every other
+    /// request gets `page_len` bytes of `[`, announced with a Content-Length or (`announce` false)
+    /// delimited by closing the connection. Returns its base URL.
+    async fn serve(token_body: Vec<u8>, page_len: usize, announce: bool) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let token_body = token_body.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let body_len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + body_len {
+                            continue;
+                        }
+                        buf.drain(..end + 4 + body_len);
+                        let (body, close) = if head.contains("/oauth2/v2.0/token") {
+                            (token_body.clone(), false)
+                        } else {
+                            (vec![b'['; page_len], !announce)
+                        };
+                        let head = if close {
+                            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_string()
+                        } else {
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                        };
+                        if s.write_all(head.as_bytes()).await.is_err()
+                            || s.write_all(&body).await.is_err()
+                            || close
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// An API client of `base` (login and API on the same server), with a client secret.
+    fn client_of(base: &str) -> ApiClient {
+        let secret =
+            std::env::temp_dir().join(format!("collector-api-test-{}", rand::random::<u64>()));
+        std::fs::write(&secret, "s").expect("secret file");
+        let tenant: sensor_core::config::TenantConfig = serde_json::from_value(serde_json::json!({
+            "name": "t",
+            "tenant_id": "11111111-2222-4333-8444-555555555555",
+            "client_id": "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee",
+            "client_secret_file": secret,
+            "login_url": base,
+            "api_url": base,
+        }))
+        .expect("tenant");
+        let http = reqwest::Client::new();
+        let tokens = Arc::new(TokenProvider::new(&tenant, http.clone()).expect("credential"));
+        let _ = std::fs::remove_file(&secret);
+        ApiClient::new(
+            http,
+            base,
+            &tenant.tenant_id,
+            "p",
+            tokens,
+            Arc::new(RateLimiter::new(60_000)),
+            Arc::new(Counters::default()),
+            1024,
+        )
+    }
+
+    const TOKEN: &[u8] = br#"{"token_type":"Bearer","expires_in":3599,"access_token":"t"}"#;
+
+    #[tokio::test]
+    async fn a_listing_page_over_its_cap_is_refused_announced_or_not() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let over = MAX_LISTING_PAGE_BYTES as usize + 1;
+        for announce in [true, false] {
+            let base = serve(TOKEN.to_vec(), over, announce).await;
+            let api = client_of(&base);
+            let url = format!("{base}/api/v1.0/x/activity/feed/subscriptions/content");
+            match api.list_page(&url).await {
+                Err(ApiError::TooLarge { limit }) => assert_eq!(limit, MAX_LISTING_PAGE_BYTES),
+                other => panic!("announce {announce}: {other:?}"),
+            }
+        }
+        // At the cap the page is read (and then judged on its content).
+        let base = serve(TOKEN.to_vec(), MAX_LISTING_PAGE_BYTES as usize, false).await;
+        let url = format!("{base}/api/v1.0/x/activity/feed/subscriptions/content");
+        assert!(matches!(
+            client_of(&base).list_page(&url).await,
+            Err(ApiError::BadResponse { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_token_answer_over_its_cap_is_cut_and_refused() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut huge = br#"{"token_type":"Bearer","expires_in":3599,"access_token":""#.to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+        huge.extend_from_slice(br#""}"#);
+        let base = serve(huge, 2, true).await;
+        let err = client_of(&base)
+            .tokens()
+            .token()
+            .await
+            .expect_err("a 1 MiB token answer");
+        assert!(
+            err.to_string().contains("token response is not valid JSON"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_listing_follows_next_page_uris_until_a_page_has_none() {
+        let mut l = Listing::new("https://m/p1".into());
+        assert_eq!(l.next_url(), Some("https://m/p1"));
+        assert_eq!(
+            l.accept(&page(3, 300, Some("https://m/p2"))),
+            Progress::More
+        );
+        assert_eq!(l.next_url(), Some("https://m/p2"));
+        assert_eq!(
+            l.accept(&page(3, 300, Some("https://m/p3"))),
+            Progress::More
+        );
+        assert_eq!(l.accept(&page(1, 100, None)), Progress::Complete);
+        assert_eq!(l.next_url(), None);
+    }
+
+    #[test]
+    fn a_listing_without_end_is_cut_at_the_page_cap_naming_the_count() {
+        let mut l = Listing::with_caps("https://m/0".into(), caps(50, u64::MAX, u64::MAX));
+        let mut n = 0u32;
+        let cut = loop {
+            n += 1;
+            match l.accept(&page(2, 10, Some(&format!("https://m/{n}")))) {
+                Progress::More => assert_eq!(l.next_url(), Some(format!("https://m/{n}").as_str())),
+                Progress::Cut(c) => break c,
+                Progress::Complete => {
+                    panic!("a listing with a NextPageUri on every page completed")
+                }
+            }
+        };
+        assert_eq!(n, 50, "cut at the cap, not before or after");
+        assert_eq!(cut.reason, CutReason::Pages);
+        assert_eq!(
+            (cut.pages, cut.next_page_uris, cut.items, cut.bytes),
+            (50, 49, 100, 500)
+        );
+        assert_eq!(l.next_url(), None, "nothing is fetched after a cut");
+        let w = Window {
+            start: time::macros::datetime!(2026-06-01 00:00 UTC),
+            end: time::macros::datetime!(2026-06-01 01:00 UTC),
+        };
+        let text = cut.describe("Audit.Exchange", w);
+        assert!(text.contains("Audit.Exchange"), "{text}");
+        assert!(
+            text.contains("cut after following 49 NextPageUri (50 pages, 100 items"),
+            "{text}"
+        );
+        assert!(text.contains("at the cap of 50 pages per window"), "{text}");
+        assert!(text.contains("listed again next cycle"), "{text}");
+    }
+
+    #[test]
+    fn the_default_caps_stop_a_listing_of_endless_new_pages() {
+        let mut l = Listing::new("https://m/0".into());
+        let mut n = 0u32;
+        let cut = loop {
+            n += 1;
+            match l.accept(&page(0, 2, Some(&format!("https://m/{n}")))) {
+                Progress::More => {}
+                Progress::Cut(c) => break c,
+                Progress::Complete => panic!("completed"),
+            }
+        };
+        assert_eq!(cut.reason, CutReason::Pages);
+        assert_eq!(cut.pages, MAX_PAGES_PER_WINDOW);
+    }
+
+    #[test]
+    fn a_listing_is_cut_at_its_item_and_byte_caps() {
+        let mut l = Listing::with_caps("https://m/0".into(), caps(1000, 25, u64::MAX));
+        assert_eq!(l.accept(&page(10, 1, Some("https://m/1"))), Progress::More);
+        assert_eq!(l.accept(&page(10, 1, Some("https://m/2"))), Progress::More);
+        match l.accept(&page(10, 1, Some("https://m/3"))) {
+            Progress::Cut(c) => {
+                assert_eq!(c.reason, CutReason::Items);
+                assert_eq!((c.pages, c.items), (3, 30));
+                assert!(c
+                    .describe(
+                        "DLP.All",
+                        Window {
+                            start: OffsetDateTime::UNIX_EPOCH,
+                            end: OffsetDateTime::UNIX_EPOCH
+                        }
+                    )
+                    .contains("at the cap of 25 items per window"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut l = Listing::with_caps("https://m/0".into(), caps(1000, u64::MAX, 1000));
+        assert_eq!(l.accept(&page(1, 600, Some("https://m/1"))), Progress::More);
+        assert!(matches!(
+            l.accept(&page(1, 600, Some("https://m/2"))),
+            Progress::Cut(ListingCut {
+                reason: CutReason::Bytes,
+                bytes: 1200,
+                ..
+            })
+        ));
+        // The last page may be as large as it likes: a page without NextPageUri completes.
+        let mut l = Listing::with_caps("https://m/0".into(), caps(1, 1, 1));
+        assert_eq!(l.accept(&page(5, 5000, None)), Progress::Complete);
+    }
+
+    #[test]
+    fn a_next_page_uri_seen_before_cuts_the_listing_naming_the_page() {
+        let mut l = Listing::new("https://m/a".into());
+        assert!(matches!(
+            l.accept(&page(1, 1, Some("https://m/a"))),
+            Progress::Cut(ListingCut {
+                reason: CutReason::Loop { repeats_page: 1 },
+                pages: 1,
+                next_page_uris: 0,
+                ..
+            })
+        ));
+        let mut l = Listing::new("https://m/a".into());
+        assert_eq!(l.accept(&page(1, 1, Some("https://m/b"))), Progress::More);
+        assert_eq!(l.accept(&page(1, 1, Some("https://m/c"))), Progress::More);
+        match l.accept(&page(1, 1, Some("https://m/b"))) {
+            Progress::Cut(c) => {
+                assert_eq!(c.reason, CutReason::Loop { repeats_page: 2 });
+                let text = c.describe(
+                    "Audit.General",
+                    Window {
+                        start: OffsetDateTime::UNIX_EPOCH,
+                        end: OffsetDateTime::UNIX_EPOCH,
+                    },
+                );
+                assert!(text.contains("its NextPageUri repeats page 2"), "{text}");
+                assert!(text.contains("cut after following 2 NextPageUri"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_listing_item_is_an_object_never_an_array() {

@@ -3,6 +3,15 @@
 //! cursor advances only over windows whose every item is done (committed, expired-and-reported or
 //! quarantined); one failing blob is retried a bounded number of times and then quarantined, never
 //! blocking the others; the subscription is started at most once per 15 minutes and never stopped.
+//!
+//! A window is listed one page at a time: each page's items are handled (done-marks checked, blobs
+//! fetched and committed) before the next page is asked for, so a window never holds more than one page.
+//! The cursor moves past a window only after its last page (one without `NextPageUri`) and only if every
+//! item of every page is done; a crash between pages re-lists the window, and the done-marks skip what
+//! was committed (nothing lost, nothing twice). A listing cut at its caps or at a repeated page
+//! (`api::Listing`) leaves the window to be listed again, puts the stream in `api_unreachable` with the
+//! cut's description, and narrows the collector's windows (÷ 4, down to `window::MIN_WINDOW`) until a
+//! cycle lists every window whole; the windows after it are still listed in the same cycle.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,10 +22,10 @@ use sensor_core::status::State;
 use sensor_spool::{BlobCommit, Cursor, DoneKind, QuarantineItem, RawRecord};
 use time::OffsetDateTime;
 
-use crate::api::{ApiError, ContentItem};
+use crate::api::{ApiError, ContentItem, Listing, Page, Progress};
 use crate::auth::AuthError;
 use crate::blob::parse_blob;
-use crate::window::{clamp, oldest_start, plan};
+use crate::window::{clamp, oldest_start, plan_sized, Window, MAX_WINDOW, MIN_WINDOW};
 use crate::TenantShared;
 
 /// Attempts before a blob that keeps failing transiently is quarantined.
@@ -27,6 +36,9 @@ pub const START_SPACING_SECS: i64 = 15 * 60;
 pub const NEW_SECRET_GRACE: Duration = Duration::from_secs(120);
 /// How long a lost window keeps the component in `content_expired`.
 const LOSS_REPORT_SECS: u64 = 24 * 3600;
+/// Most blobs whose transient failures are counted at once: past it a failing blob is retried next
+/// cycle without a count (a listing of endless new items whose fetches fail cannot grow the map).
+const MAX_TRACKED_FAILURES: usize = 10_000;
 
 /// How long a collector waits after the spool failed before it tries again (the agent reopens the
 /// spool meanwhile; the spool component says why).
@@ -62,6 +74,11 @@ pub struct Collector {
     auth_failing_since: Option<Instant>,
     last_loss: Option<(Instant, String)>,
     consecutive_errors: u32,
+    /// The length of the windows listed: [`MAX_WINDOW`], divided by 4 after a cycle with a cut listing
+    /// (not below [`MIN_WINDOW`]), doubled back after a cycle without.
+    window_len: time::Duration,
+    /// The first cut listing of the current cycle, described.
+    cut: Option<String>,
 }
 
 impl Collector {
@@ -78,6 +95,8 @@ impl Collector {
             auth_failing_since: None,
             last_loss: None,
             consecutive_errors: 0,
+            window_len: MAX_WINDOW,
+            cut: None,
         }
     }
 
@@ -92,7 +111,16 @@ impl Collector {
                 Ok(()) => {
                     self.consecutive_errors = 0;
                     self.auth_failing_since = None;
-                    self.report_ok();
+                    match self.cut.take() {
+                        Some(cut) => {
+                            self.window_len = (self.window_len / 4_i32).max(MIN_WINDOW);
+                            self.set(State::ApiUnreachable, Some(cut), None);
+                        }
+                        None => {
+                            self.window_len = (self.window_len * 2_i32).min(MAX_WINDOW);
+                            self.report_ok();
+                        }
+                    }
                     poll
                 }
                 Err(Stop::Shutdown) => return,
@@ -191,29 +219,13 @@ impl Collector {
             listed_until.min(lookback)
         };
         let mut contiguous = true;
-        for w in plan(from, now) {
+        self.cut = None;
+        for w in plan_sized(from, now, self.window_len) {
             let Some(w) = clamp(w, Self::now()) else {
                 continue;
             };
-            let items = match self.t.api.list_content(&self.content_type, w).await {
-                Err(ApiError::NoSubscription(_)) | Err(ApiError::SubscriptionDisabled(_)) => {
-                    self.subscribed = false;
-                    self.ensure_subscription(&mut cursor).await?;
-                    self.t.api.list_content(&self.content_type, w).await?
-                }
-                other => other?,
-            };
-            if !items.is_empty() {
-                cursor.first_content_seen = true;
-            }
-            let mut all_done = true;
-            for item in &items {
-                self.wait_while_spool_full().await?;
-                if !self.process(item, &cursor).await? {
-                    all_done = false;
-                }
-            }
-            contiguous &= all_done;
+            let whole = self.collect_window(w, &mut cursor).await?;
+            contiguous &= whole;
             if contiguous && w.end.unix_timestamp() > cursor.listed_until {
                 cursor.listed_until = w.end.unix_timestamp();
                 self.t.spool_blocking(|s| {
@@ -237,6 +249,53 @@ impl Collector {
                 .spool_blocking(|s| s.set_cursor(&cfg.tenant_id, &self.content_type, &cursor))?;
         }
         Ok(())
+    }
+
+    /// Lists `w` page by page, handling each page's items before the next page is fetched. `Ok(true)`
+    /// when the listing ended and every item is done; `Ok(false)` when an item must be retried or the
+    /// listing was cut (then `self.cut` and the status say so).
+    async fn collect_window(&mut self, w: Window, cursor: &mut Cursor) -> Result<bool, Stop> {
+        let mut listing = Listing::new(self.t.api.content_url(&self.content_type, w));
+        let mut all_done = true;
+        while let Some(url) = listing.next_url().map(str::to_string) {
+            let page = self.list_page(&url, cursor).await?;
+            let progress = listing.accept(&page);
+            if !page.items.is_empty() {
+                cursor.first_content_seen = true;
+            }
+            for item in &page.items {
+                self.wait_while_spool_full().await?;
+                if !self.process(item, cursor).await? {
+                    all_done = false;
+                }
+            }
+            match progress {
+                Progress::More => {}
+                Progress::Complete => return Ok(all_done),
+                Progress::Cut(cut) => {
+                    let text = cut.describe(&self.content_type, w);
+                    let cfg = &self.t.config;
+                    log::warn!(target: "collector", tenant = cfg.name.as_str(), content_type = self.content_type.as_str(), pages = cut.pages, items = cut.items, bytes = cut.bytes; "listing cut: {text}");
+                    self.set(State::ApiUnreachable, Some(text.clone()), None);
+                    self.cut.get_or_insert(text);
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// One page of a listing; a subscription found missing or disabled is started again (15 minutes
+    /// apart) and the page asked for once more.
+    async fn list_page(&mut self, url: &str, cursor: &mut Cursor) -> Result<Page, Stop> {
+        match self.t.api.list_page(url).await {
+            Err(ApiError::NoSubscription(_)) | Err(ApiError::SubscriptionDisabled(_)) => {
+                self.subscribed = false;
+                self.ensure_subscription(cursor).await?;
+                Ok(self.t.api.list_page(url).await?)
+            }
+            other => Ok(other?),
+        }
     }
 
     async fn wait_while_spool_full(&self) -> Result<(), Stop> {
@@ -282,6 +341,12 @@ impl Collector {
                 return Ok(true);
             }
             Err(e) if e.is_transient() => {
+                if self.failures.len() >= MAX_TRACKED_FAILURES
+                    && !self.failures.contains_key(&item.content_id)
+                {
+                    log::warn!(target: "collector", tenant = cfg.name.as_str(), content_type = ct, content_id = item.content_id.as_str(), error:% = e; "blob fetch failed (not counted: {MAX_TRACKED_FAILURES} blobs are failing)");
+                    return Ok(false);
+                }
                 let n = self.failures.entry(item.content_id.clone()).or_insert(0);
                 *n += 1;
                 log::warn!(target: "collector", tenant = cfg.name.as_str(), content_type = ct, content_id = item.content_id.as_str(), error:% = e; "blob fetch attempt {} failed", *n);

@@ -9,6 +9,10 @@ pub const RETENTION: Duration = Duration::days(7);
 pub const RETENTION_MARGIN: Duration = Duration::minutes(10);
 /// Longest window the API accepts.
 pub const MAX_WINDOW: Duration = Duration::hours(24);
+/// Shortest window a collector narrows to after cut listings (see `collector`): a listing of one hour
+/// past the caps of `api::MAX_ITEMS_PER_WINDOW` is no real tenant's, and narrower windows would only
+/// multiply the requests of every later cycle.
+pub const MIN_WINDOW: Duration = Duration::hours(1);
 
 /// A half-open listing window `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,10 +30,17 @@ pub fn oldest_start(now: OffsetDateTime) -> OffsetDateTime {
 
 /// Slices `[from, now)` into windows of at most 24 h, clamped to the retention.
 pub fn plan(from: OffsetDateTime, now: OffsetDateTime) -> Vec<Window> {
+    plan_sized(from, now, MAX_WINDOW)
+}
+
+/// Slices `[from, now)` into windows of at most `len` (itself kept within [`MIN_WINDOW`, `MAX_WINDOW`]),
+/// clamped to the retention.
+pub fn plan_sized(from: OffsetDateTime, now: OffsetDateTime, len: Duration) -> Vec<Window> {
+    let len = len.clamp(MIN_WINDOW, MAX_WINDOW);
     let mut start = from.max(oldest_start(now));
     let mut out = Vec::new();
     while start < now {
-        let end = (start + MAX_WINDOW).min(now);
+        let end = (start + len).min(now);
         out.push(Window { start, end });
         start = end;
     }
@@ -62,6 +73,21 @@ mod tests {
             .all(|w| w.end - w.start <= MAX_WINDOW && w.start < w.end));
         assert_eq!(w.len(), 7);
         assert!(plan(now, now).is_empty());
+    }
+
+    #[test]
+    fn narrowed_windows_tile_the_same_span_within_their_bounds() {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("time");
+        let from = now - Duration::hours(10);
+        let w = plan_sized(from, now, Duration::hours(3));
+        assert_eq!(w.len(), 4);
+        assert_eq!(w.first().map(|w| w.start), Some(from));
+        assert_eq!(w.last().map(|w| w.end), Some(now));
+        for pair in w.windows(2) {
+            assert_eq!(pair[0].end, pair[1].start);
+        }
+        assert_eq!(plan_sized(from, now, Duration::minutes(1)).len(), 10);
+        assert_eq!(plan_sized(from, now, Duration::days(3)), plan(from, now));
     }
 
     #[test]

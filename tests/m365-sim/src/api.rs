@@ -527,9 +527,24 @@ fn list_content(
             Some(u) => *u == own_url,
             None => !body.is_empty(),
         };
+    let endless = !body.is_empty() && t.spec.faults.endless_listing.iter().any(|c| c == ct);
     if looping {
         t.loop_url = Some(own_url.clone());
         headers.push(("NextPageUri", own_url));
+    } else if endless {
+        // The same page again (same nextPage, if any) under a URL never served before.
+        t.stats.endless_pages += 1;
+        let n = qp(query, "endless")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in query {
+            if !k.eq_ignore_ascii_case("endless") {
+                q.append_pair(k, v);
+            }
+        }
+        q.append_pair("endless", &(n + 1).to_string());
+        headers.push(("NextPageUri", format!("{base}{}?{}", req.path, q.finish())));
     } else if let Some(next) = items.get(page) {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         for (k, v) in query {

@@ -188,6 +188,11 @@ pub struct Faults {
     pub nextpage_loop: bool,
     /// Content types whose subscription is (set to) disabled: listing answers AF20023 until `/start`.
     pub subscription_disabled: Vec<String>,
+    /// Content types whose listings never end: every page that has items answers them with a
+    /// `NextPageUri` to the same page again under a new URL (its `endless` query parameter counts up),
+    /// forever. The items are those a correct page holds, so nothing is lost to a collector that handles
+    /// each page; one that gathers pages before handling them holds ever more of them.
+    pub endless_listing: Vec<String>,
     /// The simulator's clock for this tenant relative to the host's, seconds.
     pub clock_offset_secs: i64,
 }
@@ -210,6 +215,7 @@ impl Default for Faults {
             oversized_bytes: 80_000_000,
             nextpage_loop: false,
             subscription_disabled: Vec::new(),
+            endless_listing: Vec::new(),
             clock_offset_secs: 0,
         }
     }

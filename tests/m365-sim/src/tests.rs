@@ -297,6 +297,39 @@ fn pagination_reaches_every_item_once() {
 }
 
 #[test]
+fn an_endless_listing_serves_the_same_page_under_new_urls_forever() {
+    let mut sp = spec();
+    sp.subscriptions_enabled = vec!["Audit.Exchange".into()];
+    sp.faults.endless_listing = vec!["Audit.Exchange".into()];
+    let mut st = state_with(sp, None);
+    let tok = access_token(&mut st);
+    let mut query = format!("contentType=Audit.Exchange&PublisherIdentifier={TID}");
+    let mut urls = BTreeSet::new();
+    let mut first: Option<String> = None;
+    for _ in 0..500 {
+        let (s, headers, b) = api(&mut st, &tok, "GET", "subscriptions/content", &query);
+        assert_eq!(s, 200, "{b}");
+        let next = headers
+            .iter()
+            .find(|(k, _)| *k == "NextPageUri")
+            .map(|(_, v)| v.clone())
+            .expect("an endless listing always gives a NextPageUri");
+        assert!(urls.insert(next.clone()), "a NextPageUri repeated: {next}");
+        match &first {
+            None => first = Some(b),
+            Some(f) => assert_eq!(&b, f, "every page holds the first page's items"),
+        }
+        query = next
+            .split_once('?')
+            .map(|(_, q)| q.to_string())
+            .unwrap_or_default();
+    }
+    assert!(first.is_some_and(|b| b.contains("contentId")));
+    let stats = truth::stats(&st);
+    assert_eq!(stats.tenants[TID].endless_pages, 500);
+}
+
+#[test]
 fn api_faults_and_states() {
     let mut sp = spec();
     sp.faults.throttle_every = 2;

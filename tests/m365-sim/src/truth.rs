@@ -59,6 +59,9 @@ pub struct TenantStats {
     pub af50000: u64,
     /// Requests that were never answered (hang fault).
     pub hung: u64,
+    /// Listing pages answered with an endless `NextPageUri` (`endless_listing` fault).
+    #[serde(default)]
+    pub endless_pages: u64,
 }
 
 /// All counters: totals plus per tenant.

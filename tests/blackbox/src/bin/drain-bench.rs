@@ -4,7 +4,8 @@
 //! from the start, so the sensor collects everything into its durable spool; then the receiver comes
 //! back and the spool drains. Prints, for each phase, records/s and MB/s, peak RSS and CPU per 100k
 //! records; the spool's bytes on disk per byte of live data when full and after the drain (once reclaim
-//! had its turn); wire bytes per record; and the delivery verdict against the simulator's ground truth.
+//! had its turn); the kernel's high-water mark of the resident set (`VmHWM`) and the thread count; wire
+//! bytes per record; and the delivery verdict against the simulator's ground truth.
 //! Asserts nothing. `SENSOR_BIN=dist/bin/m365-sensor-x86_64` measures the static appliance binary.
 
 use std::time::{Duration, Instant};
@@ -180,6 +181,21 @@ fn main() -> anyhow::Result<()> {
     println!(
         "  steady RSS after the drain:   {:.1} MiB",
         mib(proc_sample(pid).map_or(0, |s| s.0))
+    );
+    // The kernel's high-water mark of the resident set over the whole run (no sampling gap) and the
+    // threads now: the figures the unit's MemoryHigh=/TasksMax= are checked against.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?", str::trim)
+            .to_string()
+    };
+    println!(
+        "  VmHWM (kernel's peak RSS):    {}, threads {}",
+        field("VmHWM:"),
+        field("Threads:")
     );
     print_wire_and_verdict(&summary, &v);
     drop(sensor);

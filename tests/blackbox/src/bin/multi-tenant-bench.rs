@@ -3,13 +3,27 @@
 //! request throttled, every answer 1.5 s slow) to show that one tenant's failures do not slow the others.
 //! Each tenant has a 12-hour backlog. Prints the sensor's peak and steady RSS, CPU seconds per 100k
 //! records, the time until the healthy tenants' backlog is delivered, the faulty tenant's lag then, idle
-//! CPU after catch-up, and the delivery verdict. `SENSOR_BIN=dist/bin/m365-sensor-x86_64` measures the
+//! CPU after catch-up, the kernel's high-water mark of its resident memory (`VmHWM`) and its peak thread
+//! count (`Threads:`, sampled; the figures the unit's `MemoryHigh=`/`TasksMax=` are set from), and the
+//! delivery verdict. `SENSOR_BIN=dist/bin/m365-sensor-x86_64` measures the
 //! static (musl) appliance binary instead of the release build.
 //! Asserts nothing. `TENANTS=N` changes the count.
 
 use std::time::{Duration, Instant};
 
 use sensor_blackbox::*;
+
+/// A `kB` or plain count field of `/proc/<pid>/status` (`VmHWM`, `Threads`), as a number (kB for sizes).
+fn status_field(pid: u32, name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
 
 fn main() -> anyhow::Result<()> {
     let tenants: u32 = env_or("TENANTS", 200);
@@ -36,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     let sensor = start_sensor_with_env(d, &config, 0, &[("MALLOC_ARENA_MAX", "2")])?;
     let pid = sensor.child.id();
     let mut peak_rss = 0u64;
+    let mut peak_threads = 0u64;
     let mut healthy_done: Option<Duration> = None;
     let mut last_print = Instant::now();
     let mut last_truth = Instant::now();
@@ -58,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         if let Some((rss, _)) = proc_sample(pid) {
             peak_rss = peak_rss.max(rss);
         }
+        peak_threads = peak_threads.max(status_field(pid, "Threads").unwrap_or(0));
         let stored = rx.summary()?["unique_records"].as_u64().unwrap_or(0) as usize;
         if last_print.elapsed() > Duration::from_secs(15) {
             last_print = Instant::now();
@@ -90,11 +106,14 @@ fn main() -> anyhow::Result<()> {
             peak_rss = peak_rss.max(rss);
             steady.push(rss);
         }
+        peak_threads = peak_threads.max(status_field(pid, "Threads").unwrap_or(0));
     }
     let (_, cpu_after) = proc_sample(pid).unwrap_or((0, 0.0));
     let idle_cpu = (cpu_after - cpu_before) / idle_from.elapsed().as_secs_f64();
     let v = wait_for_delivery(&sim, &rx, Duration::from_secs(600))?;
     let (_, cpu_total) = proc_sample(pid).unwrap_or((0, 0.0));
+    let hwm_kb = status_field(pid, "VmHWM").unwrap_or(0);
+    peak_threads = peak_threads.max(status_field(pid, "Threads").unwrap_or(0));
     let delivered = v.delivered.max(1);
     steady.sort_unstable();
     let steady_rss = steady.get(steady.len() / 2).copied().unwrap_or(0);
@@ -117,6 +136,11 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  peak RSS:                     {:.1} MiB", mib(peak_rss));
     println!("  steady RSS (idle, median):    {:.1} MiB", mib(steady_rss));
+    println!(
+        "  VmHWM (kernel's peak RSS):    {:.1} MiB",
+        mib(hwm_kb * 1024)
+    );
+    println!("  peak threads (sampled):       {peak_threads}");
     println!(
         "  CPU:                          {:.1} s in all, {:.2} s per 100k records",
         cpu_total,
