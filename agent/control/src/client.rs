@@ -66,6 +66,7 @@ pub struct ManagementClient {
     base: String,
     sensor_id: String,
     bearer: Option<zeroize::Zeroizing<String>>,
+    recorder: Option<std::sync::Arc<sensor_core::tls::AnchorRecorder>>,
 }
 
 /// The largest management answer read (a managed configuration with hundreds of tenants fits).
@@ -132,7 +133,35 @@ impl ManagementClient {
             base: base_url.trim_end_matches('/').to_string(),
             sensor_id: sensor_id.to_string(),
             bearer: None,
+            recorder: None,
         }
+    }
+
+    /// Marks `http` as verifying through `recorder` (an identity of an earlier version whose backend
+    /// anchor awaits the first connection, see `sensor_relay::backend_http_client_recording`), so that
+    /// [`ManagementClient::pin_first_connection`] can pin what verified the backend.
+    pub fn with_recorder(
+        mut self,
+        recorder: Option<std::sync::Arc<sensor_core::tls::AnchorRecorder>>,
+    ) -> Self {
+        self.recorder = recorder;
+        self
+    }
+
+    /// After a request, pins the anchors that verified this backend's server chain (for the host of
+    /// the base URL only) as the identity's server anchors, when the identity awaits its first
+    /// connection ([`identity::pin_first_connection`]). Returns whether it pinned them: the client (and
+    /// the relay) must then be rebuilt to trust the pinned set alone. `Ok(false)` without a recorder or
+    /// before a handshake verified the server.
+    pub fn pin_first_connection(&self, state_dir: &Path) -> Result<bool, identity::IdentityError> {
+        let Some(recorder) = &self.recorder else {
+            return Ok(false);
+        };
+        let host = url::Url::parse(&self.base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        identity::pin_first_connection(state_dir, &recorder.verifying_anchors(&host))
     }
 
     /// Authenticates with `Authorization: Bearer` (hosts without enrolment) instead of mutual TLS alone.

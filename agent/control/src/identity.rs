@@ -273,29 +273,47 @@ fn read_anchors(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityErr
     parse_anchors(&text, &path.display().to_string())
 }
 
+/// Whether a generation's server anchors are pinned, after [`migrate_server_trust`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerTrustState {
+    /// `server-trust.pem` exists: the backend is trusted through it.
+    Pinned,
+    /// A generation of an earlier version whose `trust.pem` held nothing but the device CA: the backend
+    /// is trusted as that version did (system roots plus `trust.pem`) until the first connection pins
+    /// the anchor that verified it ([`pin_first_connection`]).
+    AwaitingFirstConnection,
+}
+
+/// Warns once per process that the backend's anchor awaits the first connection.
+static WARNED_AWAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Gives a generation written by an earlier version (`dir` has `trust.pem` but no `server-trust.pem`)
 /// its `server-trust.pem`, once, and logs that it did. A no-op when the file exists.
 ///
-/// What it means: the old `trust.pem` does not record which anchor verified the backend at enrolment.
-/// The derived set is every distinct certificate of `trust.pem` except those of `ca.pem` (the device
-/// CA, which the old layout trusted for the server by mistake), or all of them when nothing else is
-/// left (a device enrolled without a CA file, or whose backend's server CA is the device CA). The
-/// system roots, which the earlier version also trusted, are no longer trusted: a backend behind a
-/// public CA needs `backend.trust_public_roots = true` (or a new enrolment, which pins that root).
-/// An unreadable or unparsable `trust.pem` or `ca.pem` is an error naming the file; nothing is written.
-pub fn migrate_server_trust(dir: &Path) -> Result<(), IdentityError> {
+/// What it means: the old `trust.pem` does not record which anchor verified the backend at enrolment
+/// (the earlier version trusted the system roots plus `trust.pem`). When `trust.pem` holds certificates
+/// besides the device CA (`ca.pem`, which the old layout trusted for the server by mistake), those came
+/// from the CA file given at enrolment and are pinned. When it holds nothing but the device CA, the
+/// backend was verified by the device CA or by a public root, which cannot be told apart offline:
+/// nothing is written and the state is [`ServerTrustState::AwaitingFirstConnection`] (pinning the
+/// device CA would cut off a backend behind a public CA at the upgrade). An unreadable or unparsable
+/// `trust.pem` or `ca.pem` is an error naming the file; nothing is written.
+pub fn migrate_server_trust(dir: &Path) -> Result<ServerTrustState, IdentityError> {
     let target = dir.join(SERVER_TRUST);
     if std::fs::symlink_metadata(&target).is_ok() {
-        return Ok(());
+        return Ok(ServerTrustState::Pinned);
     }
     let legacy = dir.join(LEGACY_TRUST);
     let all = read_anchors(&legacy)?;
     let ca = read_anchors(&dir.join("ca.pem"))?;
-    let without_ca: Vec<_> = all.iter().filter(|c| !ca.contains(c)).cloned().collect();
-    let (derived, how) = if without_ca.is_empty() {
-        (all, "the device CA alone: trust.pem held nothing else")
-    } else {
-        (without_ca, "trust.pem without the device CA")
+    let derived = match sensor_core::tls::legacy_anchors(&all, &ca) {
+        sensor_core::tls::LegacyAnchors::Pin(derived) => derived,
+        sensor_core::tls::LegacyAnchors::LearnOnFirstConnection => {
+            if !WARNED_AWAITING.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                log::warn!(target: "control", "identity written by an earlier version: {} holds only the device CA, so which anchor verified the backend is unknown; the backend is trusted as before (the system roots plus {}) until the first connection, which pins the anchor that verifies it into {}", legacy.display(), legacy.display(), target.display());
+            }
+            return Ok(ServerTrustState::AwaitingFirstConnection);
+        }
     };
     store::write_atomic_mode(
         &target,
@@ -303,8 +321,43 @@ pub fn migrate_server_trust(dir: &Path) -> Result<(), IdentityError> {
         0o644,
     )
     .map_err(io(&target))?;
-    log::warn!(target: "control", "identity written by an earlier version: pinned {} anchor(s) for the backend's server from {} ({how}) into {}; the system's public roots are no longer trusted for the backend unless backend.trust_public_roots = true", derived.len(), legacy.display(), target.display());
-    Ok(())
+    log::warn!(target: "control", "identity written by an earlier version: pinned {} anchor(s) for the backend's server from {} (trust.pem without the device CA) into {}; the system's public roots are no longer trusted for the backend unless backend.trust_public_roots = true", derived.len(), legacy.display(), target.display());
+    Ok(ServerTrustState::Pinned)
+}
+
+/// The subject of a certificate, for logs (`?` when it does not parse).
+fn subject(c: &CertificateDer<'_>) -> String {
+    x509_parser::parse_x509_certificate(c)
+        .map(|(_, x)| x.subject().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Pins `anchors` (those that verified the backend's server chain in a connection made with the
+/// earlier version's trust, see [`sensor_core::tls::AnchorRecorder`]) as the current generation's
+/// `server-trust.pem`, when that generation is [`ServerTrustState::AwaitingFirstConnection`]: written
+/// once, atomically, logged at warn with each anchor's subject. Returns whether it wrote the file;
+/// `Ok(false)` when there is no identity, the generation is pinned already or `anchors` is empty.
+pub fn pin_first_connection(
+    state_dir: &Path,
+    anchors: &[CertificateDer<'static>],
+) -> Result<bool, IdentityError> {
+    let link = state_dir.join(LINK);
+    if anchors.is_empty() || std::fs::symlink_metadata(&link).is_err() {
+        return Ok(false);
+    }
+    if migrate_server_trust(&link)? == ServerTrustState::Pinned {
+        return Ok(false);
+    }
+    let pem = sensor_core::tls::certs_to_pem(anchors);
+    parse_anchors(
+        &pem,
+        "the anchors that verified the backend's first connection",
+    )?;
+    let target = link.join(SERVER_TRUST);
+    store::write_atomic_mode(&target, pem.as_bytes(), 0o644).map_err(io(&target))?;
+    let subjects: Vec<String> = anchors.iter().map(subject).collect();
+    log::warn!(target: "control", "identity written by an earlier version: the first connection to the backend was verified by {}; pinned into {} (the system's public roots are no longer trusted for the backend unless backend.trust_public_roots = true)", subjects.join("; "), target.display());
+    Ok(true)
 }
 
 /// Verifies `new` ([`verify`]) and installs it as a new generation, then points `identity` at it.
@@ -325,7 +378,12 @@ pub fn install(state_dir: &Path, new: &NewIdentity<'_>) -> Result<Identity, Iden
                         .into(),
                 });
             }
-            migrate_server_trust(&link)?;
+            if migrate_server_trust(&link)? == ServerTrustState::AwaitingFirstConnection {
+                return Err(IdentityError::ServerAnchors {
+                    what: link.join(SERVER_TRUST).display().to_string(),
+                    reason: "not pinned yet (an identity of an earlier version): a renewal waits until the first connection to the backend pins the anchor that verifies it".into(),
+                });
+            }
             read_anchors(&link.join(SERVER_TRUST))?
         }
     };
@@ -659,17 +717,107 @@ mod tests {
             before
         );
 
-        // Enrolled without a CA file: trust.pem held only the device CA, which is kept.
+        // Enrolled without a CA file: trust.pem held only the device CA. Whether it or a public root
+        // verified the backend is unknown: nothing is pinned yet (see the test below).
         std::fs::write(link.join(LEGACY_TRUST), format!("{dev}{dev}")).expect("write");
         std::fs::remove_file(&loaded.server_trust_file).expect("rm");
         Identity::load(d.path()).expect("load");
-        assert_eq!(anchors_of(&loaded.server_trust_file), vec![der(&device_ca)]);
+        assert!(!loaded.server_trust_file.exists());
 
         // An unreadable trust.pem is an error naming it, and nothing is written.
         std::fs::write(link.join(LEGACY_TRUST), &dev[..dev.len() / 2]).expect("write");
-        std::fs::remove_file(&loaded.server_trust_file).expect("rm");
         let e = Identity::load(d.path()).expect_err("truncated trust.pem");
         assert!(e.to_string().contains(LEGACY_TRUST), "{e}");
         assert!(!loaded.server_trust_file.exists());
+    }
+
+    /// An identity of an earlier version whose trust.pem holds only the device CA (enrolled without a
+    /// CA file; the backend may sit behind a public CA) is not pinned to the device CA at the upgrade:
+    /// it awaits the first connection, a renewal waits too (refused naming server-trust.pem), and the
+    /// anchor that verified the first connection is pinned once, whatever it is.
+    #[test]
+    fn a_device_ca_only_identity_is_pinned_by_its_first_connection() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let d = tempfile::tempdir().expect("tempdir");
+        let device_ca = new_ca("device CA");
+        let public_root = new_ca("a public root");
+        let k = new_key_and_csr("dev").expect("csr");
+        let cert = issue(&device_ca, &k.csr_pem);
+        let dev = device_ca.cert.pem();
+        let first = install(
+            d.path(),
+            &NewIdentity {
+                sensor_id: "s-1",
+                cert_pem: &cert,
+                key_pem: &k.key_pem,
+                ca_pem: &dev,
+                server_anchors: ServerAnchors::Enrolled(&dev),
+            },
+        )
+        .expect("enrol");
+        // As the earlier version left it: no server-trust.pem, trust.pem = the device CA (twice after
+        // a renewal).
+        let link = d.path().join(LINK);
+        std::fs::remove_file(&first.server_trust_file).expect("rm");
+        std::fs::write(link.join(LEGACY_TRUST), format!("{dev}{dev}")).expect("write");
+        assert_eq!(
+            migrate_server_trust(&link).expect("migrate"),
+            ServerTrustState::AwaitingFirstConnection
+        );
+        let loaded = Identity::load(d.path()).expect("load").expect("some");
+        assert!(!loaded.server_trust_file.exists(), "nothing pinned offline");
+        assert_eq!(
+            sensor_core::tls::awaiting_first_pin(&loaded.server_trust_file).expect("awaiting"),
+            Some(link.join(LEGACY_TRUST)),
+            "the relay and the management client trust as the earlier version did"
+        );
+        let k2 = new_key_and_csr("dev").expect("csr");
+        let renewed_cert = issue(&device_ca, &k2.csr_pem);
+        let renewal = NewIdentity {
+            sensor_id: "s-1",
+            cert_pem: &renewed_cert,
+            key_pem: &k2.key_pem,
+            ca_pem: &dev,
+            server_anchors: ServerAnchors::KeepCurrent,
+        };
+        let e = install(d.path(), &renewal).expect_err("renewal before the pin");
+        assert!(e.to_string().contains(SERVER_TRUST), "{e}");
+        assert!(e.to_string().contains("first connection"), "{e}");
+        assert_eq!(generations(d.path()).expect("generations"), vec![1]);
+
+        // No verified connection yet: nothing pinned.
+        assert!(!pin_first_connection(d.path(), &[]).expect("pin nothing"));
+        assert!(!loaded.server_trust_file.exists());
+        // The first connection was verified by the public root: that is pinned, not the device CA.
+        assert!(pin_first_connection(d.path(), &[der(&public_root)]).expect("pin"));
+        assert_eq!(
+            anchors_of(&loaded.server_trust_file),
+            vec![der(&public_root)]
+        );
+        assert_eq!(
+            sensor_core::tls::awaiting_first_pin(&loaded.server_trust_file).expect("pinned"),
+            None
+        );
+        // Once: a later connection changes nothing.
+        assert!(!pin_first_connection(d.path(), &[der(&device_ca)]).expect("again"));
+        assert_eq!(
+            anchors_of(&loaded.server_trust_file),
+            vec![der(&public_root)]
+        );
+        // The renewal now keeps the pinned anchor.
+        let renewed = install(d.path(), &renewal).expect("renewal after the pin");
+        assert_eq!(
+            anchors_of(&renewed.server_trust_file),
+            vec![der(&public_root)]
+        );
+
+        // A backend whose server CA is the device CA pins the device CA the same way.
+        std::fs::remove_file(&renewed.server_trust_file).expect("rm");
+        std::fs::write(link.join(LEGACY_TRUST), &dev).expect("write");
+        assert!(pin_first_connection(d.path(), &[der(&device_ca)]).expect("pin"));
+        assert_eq!(
+            anchors_of(&renewed.server_trust_file),
+            vec![der(&device_ca)]
+        );
     }
 }

@@ -178,6 +178,69 @@ pub fn client_config_with(
     )
 }
 
+/// The file beside `server-trust.pem` in which an earlier version kept the backend's anchors (the
+/// device CA, then the enrolment CA file, with every renewal's CA prepended); read only to migrate.
+pub const LEGACY_ANCHORS: &str = "trust.pem";
+/// The file beside `server-trust.pem` holding the CA that issued the device certificate.
+pub const DEVICE_CA: &str = "ca.pem";
+
+/// What migrating an identity generation of an earlier version (no `server-trust.pem`) decides.
+/// Invariant: never pins an anchor that neither the earlier version's `trust.pem` held nor a connection
+/// to the backend showed verifying it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LegacyAnchors {
+    /// `trust.pem` holds certificates besides the device CA (a CA file given at enrolment): pin those.
+    Pin(Vec<CertificateDer<'static>>),
+    /// `trust.pem` holds nothing but the device CA: whether the device CA or a system root verified the
+    /// backend is unknown. Trust the backend as the earlier version did (system roots plus `trust.pem`)
+    /// until the first connection, then pin the anchor that verified its server chain
+    /// ([`AnchorRecorder`]).
+    LearnOnFirstConnection,
+}
+
+/// The migration decision for an earlier version's `trust.pem` certificates `trust` and the device CA
+/// `device_ca` ([`LegacyAnchors`]).
+pub fn legacy_anchors(
+    trust: &[CertificateDer<'static>],
+    device_ca: &[CertificateDer<'static>],
+) -> LegacyAnchors {
+    let mut extra: Vec<CertificateDer<'static>> = Vec::new();
+    for c in trust {
+        if !device_ca.contains(c) && !extra.contains(c) {
+            extra.push(c.clone());
+        }
+    }
+    if extra.is_empty() {
+        LegacyAnchors::LearnOnFirstConnection
+    } else {
+        LegacyAnchors::Pin(extra)
+    }
+}
+
+/// When the backend's pinned anchors file `anchors` (`identity/server-trust.pem`) does not exist
+/// because its generation was written by an earlier version whose migration waits for the first
+/// connection ([`LegacyAnchors::LearnOnFirstConnection`]): the earlier version's `trust.pem` beside it,
+/// which is trusted with the system roots until then. `None` when `anchors` exists or the generation is
+/// not such a one ([`ServerTrust::Pinned`] then refuses a missing file naming it). An unreadable
+/// `trust.pem` or `ca.pem` is an error naming it.
+pub fn awaiting_first_pin(anchors: &Path) -> Result<Option<PathBuf>, TlsError> {
+    if std::fs::symlink_metadata(anchors).is_ok() {
+        return Ok(None);
+    }
+    let Some(dir) = anchors.parent() else {
+        return Ok(None);
+    };
+    let legacy = dir.join(LEGACY_ANCHORS);
+    if std::fs::symlink_metadata(&legacy).is_err() {
+        return Ok(None);
+    }
+    let decision = legacy_anchors(&read_certs(&legacy)?, &read_certs(&dir.join(DEVICE_CA))?);
+    Ok((decision == LegacyAnchors::LearnOnFirstConnection).then_some(legacy))
+}
+
+/// How many distinct verified chains a recorder keeps.
+const MAX_SEEN: usize = 32;
+
 /// A server chain the recorder saw verified.
 #[derive(Debug)]
 struct Seen {
@@ -250,6 +313,20 @@ impl AnchorRecorder {
         config
     }
 
+    /// A client configuration that verifies with this recorder and presents `identity` (certificate
+    /// chain file, key file) when given: the first connection of a migrated identity.
+    pub fn client_config_presenting(
+        self: &Arc<Self>,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        finish(
+            rustls::ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::clone(self) as Arc<dyn ServerCertVerifier>),
+            identity,
+        )
+    }
+
     /// The candidate anchors that, each alone, verify a chain this recorder accepted for `host` (a DNS
     /// name or an IP address, brackets allowed; chains of other hosts, e.g. an HTTPS proxy's or a
     /// redirect's, are ignored), deduplicated, in candidate order. Empty when no such handshake
@@ -302,10 +379,16 @@ impl ServerCertVerifier for AnchorRecorder {
             ocsp_response,
             now,
         )?;
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Seen {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // A long-lived client handshakes again and again with the same chain: keep each chain once,
+        // and a bounded number of them.
+        let known = seen.iter().any(|s| {
+            s.end_entity == *end_entity
+                && s.intermediates.as_slice() == intermediates
+                && s.server_name == *server_name
+        });
+        if !known && seen.len() < MAX_SEEN {
+            seen.push(Seen {
                 end_entity: end_entity.clone().into_owned(),
                 intermediates: intermediates
                     .iter()
@@ -314,6 +397,7 @@ impl ServerCertVerifier for AnchorRecorder {
                 server_name: server_name.to_owned(),
                 now,
             });
+        }
         Ok(ok)
     }
 
@@ -553,5 +637,95 @@ mod tests {
         let p = d.path().join("x.pem");
         std::fs::write(&p, certs_to_pem(&[a.clone(), b.clone()])).expect("write");
         assert_eq!(read_certs(&p).expect("read"), vec![a, b]);
+    }
+
+    /// The migration decision: certificates of trust.pem besides the device CA came from a CA file
+    /// and are pinned (deduplicated, in order); trust.pem with nothing but the device CA is learnt
+    /// from the first connection, never pinned to the device CA offline.
+    #[test]
+    fn the_legacy_decision_pins_a_ca_file_and_learns_otherwise() {
+        let device = new_ca("device CA").cert.der().clone();
+        let older_device = new_ca("older device CA").cert.der().clone();
+        let file_ca = new_ca("CA file").cert.der().clone();
+        let dev = std::slice::from_ref(&device);
+        assert_eq!(
+            legacy_anchors(&[device.clone(), device.clone()], dev),
+            LegacyAnchors::LearnOnFirstConnection
+        );
+        assert_eq!(
+            legacy_anchors(&[], dev),
+            LegacyAnchors::LearnOnFirstConnection
+        );
+        assert_eq!(
+            legacy_anchors(&[device.clone(), file_ca.clone(), file_ca.clone()], dev),
+            LegacyAnchors::Pin(vec![file_ca.clone()])
+        );
+        assert_eq!(
+            legacy_anchors(
+                &[device.clone(), older_device.clone(), file_ca.clone()],
+                dev
+            ),
+            LegacyAnchors::Pin(vec![older_device, file_ca])
+        );
+    }
+
+    /// `awaiting_first_pin` says so only for a generation without server-trust.pem whose trust.pem
+    /// holds nothing but ca.pem; then the first connection, verified with the earlier version's trust
+    /// (candidates: a public root and trust.pem), records the public root that verified the backend.
+    #[test]
+    fn a_device_ca_only_generation_awaits_its_first_connection() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let d = tempfile::tempdir().expect("tempdir");
+        let device_ca = new_ca("device CA");
+        let public_root = new_ca("a public root");
+        let file_ca = new_ca("CA file");
+        let anchors = d.path().join("server-trust.pem");
+        let legacy = d.path().join(LEGACY_ANCHORS);
+        std::fs::write(d.path().join(DEVICE_CA), device_ca.cert.pem()).expect("write");
+        // No trust.pem either: not a legacy generation; Pinned refuses the missing file.
+        assert_eq!(awaiting_first_pin(&anchors).expect("none"), None);
+        std::fs::write(&legacy, device_ca.cert.pem()).expect("write");
+        assert_eq!(
+            awaiting_first_pin(&anchors).expect("awaiting"),
+            Some(legacy.clone())
+        );
+        // A truncated trust.pem is an error naming it.
+        let pem = device_ca.cert.pem();
+        std::fs::write(&legacy, &pem[..pem.len() / 2]).expect("write");
+        let e = awaiting_first_pin(&anchors).expect_err("truncated");
+        assert!(e.to_string().contains(LEGACY_ANCHORS), "{e}");
+        // trust.pem with a CA file: the load-time migration pins it, nothing is awaited.
+        std::fs::write(&legacy, format!("{pem}{}", file_ca.cert.pem())).expect("write");
+        assert_eq!(awaiting_first_pin(&anchors).expect("not awaiting"), None);
+        // Pinned already.
+        std::fs::write(&legacy, &pem).expect("write");
+        std::fs::write(&anchors, public_root.cert.pem()).expect("write");
+        assert_eq!(awaiting_first_pin(&anchors).expect("pinned"), None);
+
+        // The first connection: the earlier version's trust verifies the backend (behind the public
+        // root), and only that root is recorded.
+        let recorder = AnchorRecorder::with_candidates(vec![
+            public_root.cert.der().clone(),
+            device_ca.cert.der().clone(),
+        ])
+        .expect("recorder");
+        handshake(
+            recorder.client_config(),
+            "backend.test",
+            server_cert(&public_root, "backend.test"),
+        )
+        .expect("the earlier trust verifies the backend");
+        // Handshaking again with the same chain does not grow the record.
+        handshake(
+            recorder.client_config(),
+            "backend.test",
+            server_cert(&public_root, "backend.test"),
+        )
+        .expect("again");
+        assert!(recorder.seen.lock().expect("lock").len() <= 2);
+        assert_eq!(
+            recorder.verifying_anchors("backend.test"),
+            vec![public_root.cert.der().clone()]
+        );
     }
 }

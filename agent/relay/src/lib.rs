@@ -131,27 +131,74 @@ pub struct Relay {
 /// through the anchors enrolment pinned when the enrolled identity is in use
 /// (`pinned_anchors_file`, plus the local `ca_file`, plus the system roots only with
 /// `trust_public_roots`), else through the system roots plus `ca_file`. An unreadable anchors file is
-/// an error naming it, never a fallback to the system roots.
+/// an error naming it, never a fallback to the system roots. The one exception is an identity of an
+/// earlier version whose anchor awaits the first connection
+/// ([`sensor_core::tls::awaiting_first_pin`]): it is trusted as that version did, the system roots plus
+/// `ca_file` or else its `trust.pem`.
 pub fn backend_http_client(
     cfg: &BackendConfig,
     proxy: Option<&str>,
 ) -> Result<reqwest::Client, RelayError> {
+    backend_http_client_recording(cfg, proxy).map(|(client, _)| client)
+}
+
+/// [`backend_http_client`], and when the identity's anchor awaits the first connection, the recorder
+/// its TLS verifies through: after a connection, its
+/// [`verifying_anchors`](sensor_core::tls::AnchorRecorder::verifying_anchors) are the anchors to pin.
+/// `None` otherwise.
+pub fn backend_http_client_recording(
+    cfg: &BackendConfig,
+    proxy: Option<&str>,
+) -> Result<
+    (
+        reqwest::Client,
+        Option<Arc<sensor_core::tls::AnchorRecorder>>,
+    ),
+    RelayError,
+> {
+    use sensor_core::tls::{self, ServerTrust};
     let identity = match (&cfg.client_cert_file, &cfg.client_key_file) {
         (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
         _ => None,
     };
-    let trust = match &cfg.pinned_anchors_file {
-        Some(anchors) => sensor_core::tls::ServerTrust::Pinned {
-            anchors,
-            extra_ca: cfg.ca_file.as_deref(),
-            public_roots: cfg.trust_public_roots,
-        },
-        None => sensor_core::tls::ServerTrust::SystemRootsPlus {
-            extra_ca: cfg.ca_file.as_deref(),
-        },
+    let client_err = |e: tls::TlsError| RelayError::Client(e.to_string());
+    let awaiting = match &cfg.pinned_anchors_file {
+        Some(anchors) => tls::awaiting_first_pin(anchors).map_err(client_err)?,
+        None => None,
     };
-    let tls = sensor_core::tls::client_config_with(trust, identity)
-        .map_err(|e| RelayError::Client(e.to_string()))?;
+    let (tls, recorder) = match (&cfg.pinned_anchors_file, awaiting) {
+        (Some(_), Some(legacy)) => {
+            let recorder =
+                tls::AnchorRecorder::new(Some(cfg.ca_file.as_deref().unwrap_or(&legacy)))
+                    .map_err(client_err)?;
+            let tls = recorder
+                .client_config_presenting(identity)
+                .map_err(client_err)?;
+            (tls, Some(recorder))
+        }
+        (Some(anchors), None) => (
+            tls::client_config_with(
+                ServerTrust::Pinned {
+                    anchors,
+                    extra_ca: cfg.ca_file.as_deref(),
+                    public_roots: cfg.trust_public_roots,
+                },
+                identity,
+            )
+            .map_err(client_err)?,
+            None,
+        ),
+        (None, _) => (
+            tls::client_config_with(
+                ServerTrust::SystemRootsPlus {
+                    extra_ca: cfg.ca_file.as_deref(),
+                },
+                identity,
+            )
+            .map_err(client_err)?,
+            None,
+        ),
+    };
     let mut b = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
@@ -163,7 +210,8 @@ pub fn backend_http_client(
                 .map_err(|e| RelayError::Client(format!("network.proxy `{p}`: {e}")))?,
         );
     }
-    b.build().map_err(|e| RelayError::Client(e.to_string()))
+    let client = b.build().map_err(|e| RelayError::Client(e.to_string()))?;
+    Ok((client, recorder))
 }
 
 /// The bearer token of `backend.token_file`, when the backend is not spoken to with mutual TLS.

@@ -101,9 +101,32 @@ pub(crate) fn client_for(
     id: &str,
 ) -> Result<ManagementClient, String> {
     let bearer = sensor_relay::backend_bearer(backend).map_err(|e| e.to_string())?;
-    sensor_relay::backend_http_client(backend, proxy)
-        .map(|http| ManagementClient::new(http, &backend.url, id).with_bearer(bearer))
+    sensor_relay::backend_http_client_recording(backend, proxy)
+        .map(|(http, recorder)| {
+            ManagementClient::new(http, &backend.url, id)
+                .with_bearer(bearer)
+                .with_recorder(recorder)
+        })
         .map_err(|e| e.to_string())
+}
+
+/// An identity of an earlier version whose backend anchor was unknown gets it pinned by the first
+/// connection that verified the backend ([`ManagementClient::pin_first_connection`]); the relay then
+/// restarts to trust the pinned set alone. Returns whether it pinned (the client must be rebuilt).
+async fn pin_first_connection(ctx: &ControlContext, c: &ManagementClient) -> bool {
+    match c.pin_first_connection(&ctx.state_dir) {
+        Ok(false) => false,
+        Ok(true) => {
+            if let Some(Err(e)) = ctx.ask(|reply| Request::RestartRelay { reply }).await {
+                log::error!(target: "control", "restarting the relay with the pinned backend anchor: {e}");
+            }
+            true
+        }
+        Err(e) => {
+            log::error!(target: "control", "pinning the anchor that verified the backend: {e}; the earlier version's trust stays until it can be written");
+            false
+        }
+    }
 }
 
 /// The heartbeat-relevant shape of the status: each component's state. A change sends a heartbeat soon.
@@ -150,6 +173,7 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
     let mut last_error: Option<String> = None;
     let mut last_renewal_check: Option<Instant> = None;
     let mut refusals = Refusals::default();
+    let mut repin = false;
     loop {
         if *shutdown.borrow() {
             break;
@@ -190,6 +214,7 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
                 last_sent = Some(Instant::now());
                 last_signature = sig;
                 let outcome = c.heartbeat(&ctx.document()).await;
+                repin = pin_first_connection(&ctx, c).await;
                 note_backend_link(&ctx, &outcome);
                 match outcome {
                     Ok(answer) => {
@@ -208,6 +233,9 @@ pub async fn run(ctx: ControlContext, mut shutdown: watch::Receiver<bool>) {
                     }
                 }
             }
+        }
+        if std::mem::take(&mut repin) {
+            client = None;
         }
         if last_renewal_check.is_none_or(|t| t.elapsed() >= RENEWAL_CHECK.min(interval)) {
             last_renewal_check = Some(Instant::now());

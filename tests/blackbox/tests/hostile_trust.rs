@@ -209,3 +209,105 @@ fn a_renewal_cannot_swap_the_backend_anchor_and_an_impostor_of_the_new_ca_is_ref
     drop(sensor);
     Ok(())
 }
+
+/// An identity enrolled by an earlier version without a CA file (no `server-trust.pem`, `trust.pem` =
+/// the device CA alone) whose backend's server certificate comes from a public CA: the upgrade must
+/// not cut it off. The receiver's server CA is its device CA, so a backend behind a separate public CA
+/// is played by the receiver's second CA (`--hostile-renewal-ca`, only its switchable server
+/// certificate is used here; no renewal happens), which the sensor trusts as its only system root
+/// (`SSL_CERT_FILE`, honoured by rustls-native-certs). The sensor keeps delivering with the earlier
+/// version's trust (system roots plus trust.pem), pins the root that verified the first heartbeat into
+/// server-trust.pem, and from then on trusts that root alone: the device CA's server certificate is
+/// refused, and nothing is lost.
+#[test]
+fn an_earlier_identity_without_a_ca_file_keeps_its_backend_and_pins_the_verifying_root(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let sim = Sim::start(d, &scenario(240))?;
+    let rx = Receiver::start_with(d, &["--enroll-token", "good-token", "--hostile-renewal-ca"])?;
+    let cfg = enrolled_config(d, &sim, &rx)?;
+    let state = d.join("state");
+    let out = Command::new(bin("m365-sensor")?)
+        .args(["enroll", "--backend", &rx.url, "--token", "good-token"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--ca-file")
+        .arg(&rx.ca_file)
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let device_ca = certs(&rx.ca_file)?;
+    let public_root_file = d.join("rx/hostile-ca.pem");
+    let public_root = certs(&public_root_file)?;
+    assert_ne!(device_ca, public_root);
+    // The identity as the earlier version wrote it: no server-trust.pem, trust.pem = ca.pem.
+    let identity = state.join("identity");
+    assert_eq!(certs(&identity.join("ca.pem"))?, device_ca);
+    let server_trust = identity.join("server-trust.pem");
+    std::fs::remove_file(&server_trust)?;
+    std::fs::copy(identity.join("ca.pem"), identity.join("trust.pem"))?;
+    // The backend is behind the "public" CA from now on.
+    rx.control("/_rx/server-cert", json!({"issuer": "hostile"}))?;
+    rx.control("/_rx/down", json!({"for_ms": 0}))?;
+
+    let root_env = public_root_file.display().to_string();
+    let sensor = start_sensor_with_env(d, &cfg, 0, &[("SSL_CERT_FILE", root_env.as_str())])?;
+    wait_for(
+        Duration::from_secs(60),
+        "delivery after the upgrade",
+        || (unique(&rx) > 0).then_some(()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", sensor.log_text()))?;
+    wait_for(
+        Duration::from_secs(30),
+        "server-trust.pem pinned by the first connection",
+        || (certs(&server_trust).ok()? == public_root).then_some(()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", sensor.log_text()))?;
+    let log = sensor.log_text();
+    assert!(
+        log.contains("which anchor verified the backend is unknown"),
+        "the earlier trust in force is logged:\n{log}"
+    );
+    assert!(
+        log.contains("the first connection to the backend was verified by")
+            && log.contains("backend-receiver hostile renewal CA"),
+        "the pin is logged with the anchor's subject:\n{log}"
+    );
+    // Delivery goes on after the pin (the relay restarted on the pinned set).
+    let after_pin = unique(&rx);
+    wait_for(Duration::from_secs(30), "delivery after the pin", || {
+        (unique(&rx) > after_pin).then_some(())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", sensor.log_text()))?;
+
+    // The pinned set is the verifying root alone: a server certificate of the device CA, which the
+    // earlier version trusted, is refused now.
+    rx.control("/_rx/server-cert", json!({"issuer": "genuine"}))?;
+    rx.control("/_rx/down", json!({"for_ms": 0}))?;
+    wait_for(
+        Duration::from_secs(20),
+        "the device CA's server certificate refused",
+        || {
+            let st = sensor_status(d)?;
+            let b = &st["components"]["backend"];
+            (b["state"] == "backend_unreachable" && b["error"].as_str()?.contains("UnknownIssuer"))
+                .then_some(())
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", sensor.log_text()))?;
+    assert_eq!(certs(&server_trust)?, public_root, "pinned once");
+
+    rx.control("/_rx/server-cert", json!({"issuer": "hostile"}))?;
+    rx.control("/_rx/down", json!({"for_ms": 0}))?;
+    sim.set_generation(false)?;
+    let v = wait_for_delivery(&sim, &rx, Duration::from_secs(90))?;
+    assert!(v.is_exact(), "{}", describe(&v));
+    drop(sensor);
+    Ok(())
+}
