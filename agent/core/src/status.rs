@@ -101,7 +101,9 @@ impl State {
         match self {
             Ok | Starting | WaitingForFirstContent => Severity::Ok,
             SecretExpiring | Throttled | ContentExpired | SpoolHigh | Quarantined
-            | BackendUnreachable | SpoolUnavailable | NoTenants | CommandRefused => Severity::Degraded,
+            | BackendUnreachable | SpoolUnavailable | NoTenants | CommandRefused => {
+                Severity::Degraded
+            }
             AuditDisabled | SubscriptionDisabled | CredentialsInvalid | SecretExpired
             | ConsentMissing | WrongCloud | ApiUnreachable | BackendAuthFailed | SpoolFull
             | DiskFull | DiskReadOnly | DiskError | SpoolDamaged | SpoolLocked => Severity::Failed,
