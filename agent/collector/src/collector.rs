@@ -114,7 +114,7 @@ impl Collector {
                     match self.cut.take() {
                         Some(cut) => {
                             self.window_len = (self.window_len / 4_i32).max(MIN_WINDOW);
-                            self.set(State::ApiUnreachable, Some(cut), None);
+                            self.set(State::ListingCut, Some(cut), None);
                         }
                         None => {
                             self.window_len = (self.window_len * 2_i32).min(MAX_WINDOW);

@@ -69,6 +69,9 @@ pub enum State {
     NoTenants,
     /// The backend sent a command the sensor refused to run (an invalid id, kind or arguments).
     CommandRefused,
+    /// A content listing did not end within the caps of one window (pages, items, bytes, or a
+    /// `NextPageUri` seen before): what was listed was processed, the window is listed again in parts.
+    ListingCut,
 }
 
 /// How bad a state is; the overall status is the worst.
@@ -101,7 +104,7 @@ impl State {
         match self {
             Ok | Starting | WaitingForFirstContent => Severity::Ok,
             SecretExpiring | Throttled | ContentExpired | SpoolHigh | Quarantined
-            | BackendUnreachable | SpoolUnavailable | NoTenants | CommandRefused => {
+            | BackendUnreachable | SpoolUnavailable | NoTenants | CommandRefused | ListingCut => {
                 Severity::Degraded
             }
             AuditDisabled | SubscriptionDisabled | CredentialsInvalid | SecretExpired
@@ -146,6 +149,7 @@ impl State {
             SpoolLocked => "Another m365-sensor uses the same state directory: stop it; this one opens the spool by itself once it is free.",
             SpoolUnavailable => "Nothing to do here: the spool component says what stops it; collection resumes by itself once the spool can write.",
             NoTenants => "The backend's configuration names no tenant, so nothing is collected: add the tenants in the backend, or confirm the sensor is meant to be idle.",
+            ListingCut => "Nothing is lost: the items listed were processed and the rest of the window is listed again in smaller windows. If it persists, Microsoft's listing (or a proxy in between) serves pages without end: check the proxy, then contact Microsoft support with the detail.",
             CommandRefused => "The backend sent a command this sensor will not run (see the error): check the backend for compromise or a bug; nothing was run.",
         }
     }

@@ -66,7 +66,7 @@ fn a_listing_without_end_is_cut_with_bounded_memory_and_nothing_lost() -> anyhow
             tail(&sensor.log_text())
         );
         let c = rig.status().map(|s| s["components"][&component].clone());
-        if let Some(c) = c.filter(|c| c["state"] == "api_unreachable") {
+        if let Some(c) = c.filter(|c| c["state"] == "listing_cut") {
             break (c, pages, hwm);
         }
         assert!(
