@@ -307,6 +307,17 @@ EXPOSURE=$(printf '%s\n' "$analysis" |
 awk -v e="$EXPOSURE" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e <= m) }' ||
     die "hardening: m365-sensor.service exposure $EXPOSURE > $MAX_EXPOSURE"
 step "agent unit exposure $EXPOSURE (<= $MAX_EXPOSURE)"
+# The units that act for the agent (its update and reboot requests, its enrolment) are sandboxed too: a
+# compromised agent must gain nothing from them (docs/IMAGE.md, "The agent is not trusted by the helper").
+HELPER_EXPOSURE=""
+for u in m365-sensor-update.service m365-sensor-reboot.service m365-enroll.service; do
+    e=$(systemd-analyze security --offline=yes --root="$TREE" "$u" 2>&1 |
+        sed -n 's/.*Overall exposure level for [^:]*: \([0-9][0-9]*\.[0-9]\).*/\1/p' | tail -n1)
+    [ -n "$e" ] && awk -v e="$e" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e <= m) }' ||
+        die "hardening: $u exposure ${e:-unknown} > $MAX_EXPOSURE"
+    HELPER_EXPOSURE="$HELPER_EXPOSURE $u=$e"
+done
+step "helper units' exposure:$HELPER_EXPOSURE"
 timed "customize+checks" "$t"
 
 # ---- 3. slot images ----------------------------------------------------------------------------------
@@ -451,6 +462,7 @@ BUILD_SECS=$(elapsed "$T0")
     echo "rauc_compatible: m365-sensor-$TARGET"
     echo "min_version: $MIN_VERSION (downgrade switch in the image: $([ "${IMAGE_ALLOW_DOWNGRADE:-0}" = 1 ] && echo yes || echo no))"
     echo "agent_unit_exposure: $EXPOSURE"
+    echo "helper_unit_exposure:$HELPER_EXPOSURE"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) in ${BUILD_SECS}s (root tree cache: $CACHE_HIT, key $KEY)"
     echo "sizes_bytes: raw=$(stat -c %s "$RAW") raw_allocated=$(( $(stat -c %b "$RAW") * 512 )) root_erofs=$root_bytes uki=$UKI_BYTES$(for fmt in "${OUTPUTS[@]}"; do printf ' %s=%s' "$fmt" "$(stat -c %s "$OUT/$NAME.$fmt")"; done)"
     echo "steps_secs: ${TIMES[*]}"
