@@ -12,8 +12,9 @@ partition and the first boot applies it. The backend and Microsoft endpoints are
 GUEST (nothing listens there): the agent must run, report its collectors `api_unreachable`, and keep
 running; no packet leaves QEMU.
 
-Scenarios (--only a,b,...): flash, seed-boot, verity, bundle (host-side bundle checks: wrong key, downgrade,
-other target), update (a newer bundle installed, slot B boots and is marked good), rollback (a bundle whose
+Scenarios (--only a,b,...): helper (no image: the root update helper on the host against a hostile agent
+user, tests/image/helper_checks.py), flash, seed-boot, verity, bundle (host-side bundle checks: wrong key,
+downgrade, the downgrade switch and floor, other target), update (a newer bundle installed, slot B boots and is marked good), rollback (a bundle whose
 agent fails: slot B boots, the health check fails, slot A boots again). The last line is
 `N passed, N failed`; the exit code is 1 when anything failed.
 """
@@ -348,14 +349,15 @@ def main():
     ap.add_argument("--target", help="default: x86_64-vm or aarch64-metal")
     ap.add_argument("--out", help="the image's output directory (default image/out/<arch>)")
     ap.add_argument("--timeout", type=int, default=300, help="bound of every boot, seconds (default 300)")
-    ap.add_argument("--only", default="flash,seed-boot,verity,bundle,update,rollback",
-                    help="comma-separated scenarios: flash, seed-boot, verity, bundle, update, rollback, powerloss")
+    ap.add_argument("--only", default="helper,flash,seed-boot,verity,bundle,update,rollback",
+                    help="comma-separated scenarios: helper, flash, seed-boot, verity, bundle, update, rollback, "
+                         "powerloss")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
     a.target = a.target or DEFAULT_TARGET[a.arch]
     a.out = os.path.abspath(a.out or os.path.join(REPO, "image", "out", a.arch))
     raw = os.path.join(a.out, f"m365-sensor-{a.target}.raw")
-    if not os.path.exists(raw):
+    if not os.path.exists(raw) and set(s for s in a.only.split(",") if s) - {"helper"}:
         print(f"{raw} missing: run `make image ARCH={a.arch}` first", file=sys.stderr)
         return 2
     scenarios = {"seed-boot": scenario_seed_boot, "verity": scenario_verity}
@@ -458,11 +460,18 @@ def scenario_bundle(a, raw, workdir):
     keyring = os.path.join(REPO, "image", "out", "keys", "signing.cert.pem")
     release = os.path.join(workdir, "image-release")
 
-    def run_check(b, current, compatible=f"m365-sensor-{a.target}"):
+    switch = os.path.join(workdir, "allow-downgrade")  # beside image-release, as in the image
+
+    def run_check(b, current, compatible=f"m365-sensor-{a.target}", floor="", downgrade=False):
         with open(release, "w") as f:
-            f.write(f"IMAGE_VERSION={current}\nRAUC_COMPATIBLE={compatible}\n")
-        env = dict(os.environ, M365_UPDATE_KEYRING=keyring, M365_IMAGE_RELEASE=release)
-        r = subprocess.run([helper, "check", b], capture_output=True, text=True, env=env)
+            f.write(f"IMAGE_VERSION={current}\nRAUC_COMPATIBLE={compatible}\nMIN_VERSION={floor}\n")
+        # The helper's own directories in the work directory (it copies the bundle there before any check).
+        env = dict(os.environ, M365_UPDATE_KEYRING=keyring, M365_IMAGE_RELEASE=release,
+                   M365_UPDATE_WORK_DIR=os.path.join(workdir, "helper-work"),
+                   M365_UPDATE_RUN_DIR=os.path.join(workdir, "helper-run"),
+                   M365_UPDATE_PROVISION_DIR=os.path.join(workdir, "no-provision"))
+        r = subprocess.run([helper, "check", b, *(["--allow-downgrade"] if downgrade else [])],
+                           capture_output=True, text=True, env=env)
         return r.returncode, r.stdout.strip()
 
     rc, msg = run_check(bundle, "0.0.1+20000101000000")
@@ -471,6 +480,16 @@ def scenario_bundle(a, raw, workdir):
     check("bundle: an older bundle is refused (downgrade)", rc == 1 and "not newer" in msg, msg)
     rc, msg = run_check(bundle, version)
     check("bundle: the same version is refused", rc == 1, msg)
+    rc, msg = run_check(bundle, version + "1", downgrade=True)
+    check("bundle: --allow-downgrade without the local switch is refused", rc == 1 and "downgrade refused" in msg, msg)
+    with open(switch, "w") as f:
+        f.write("test\n")
+    rc, msg = run_check(bundle, version + "1", downgrade=True)
+    check("bundle: with the image's root-owned downgrade switch an older bundle verifies", rc == 0, msg)
+    rc, msg = run_check(bundle, version + "1", floor=version + "0", downgrade=True)
+    check("bundle: below the image's MIN_VERSION a bundle is refused, switch or not", rc == 1 and
+          "below this image's floor" in msg, msg)
+    os.remove(switch)
     rc, msg = run_check(bundle, "0.0.1", compatible="m365-sensor-other-target")
     check("bundle: a bundle for another target is refused (compatible)", rc == 1 and
           "this device is" in msg, msg)
@@ -785,8 +804,15 @@ def scenario_flash(a, raw_image, workdir):
     check("seed: refuses a non-https backend", r.returncode != 0, r.stderr.strip())
 
 
-EXTRA_SCENARIOS = {"flash": scenario_flash, "bundle": scenario_bundle, "update": scenario_update,
-                   "rollback": scenario_rollback, "powerloss": scenario_powerloss}
+def scenario_helper(a, raw, workdir):
+    """The root update helper on the host against a hostile agent user (tests/image/helper_checks.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import helper_checks
+    helper_checks.run(check, workdir)
+
+
+EXTRA_SCENARIOS = {"helper": scenario_helper, "flash": scenario_flash, "bundle": scenario_bundle,
+                   "update": scenario_update, "rollback": scenario_rollback, "powerloss": scenario_powerloss}
 
 if __name__ == "__main__":
     sys.exit(main())
