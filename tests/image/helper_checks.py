@@ -305,7 +305,21 @@ def run(check, workdir):
           not changed(before, r.snapshot(), set()) and not os.path.exists(os.path.join(r.work, "in-progress")),
           r.result())
 
-    # 8. reboot=yes is honoured only for a valid request that installed.
+    # 8. A request that cannot be removed (here: in a directory the agent user cannot write) is never
+    #    installed: the path unit would fire again and install it again.
+    stuck = r.path("stuck")
+    os.makedirs(stuck)
+    os.chmod(stuck, 0o755)
+    with open(os.path.join(stuck, "update-requested"), "w") as f:
+        f.write(bundle_ok)
+    os.chown(os.path.join(stuck, "update-requested"), r.agent.pw_uid, r.agent.pw_gid)
+    r.bundle()
+    rc, out, err = r.helper("request", os.path.join(stuck, "update-requested"))
+    check("helper: a request that cannot be removed is not installed (no install at every trigger)",
+          rc == 2 and "could not be removed" in r.result() and "install " not in r.fake_log(),
+          f"rc={rc} {r.result()} {r.fake_log()}")
+
+    # 9. reboot=yes is honoured only for a valid request that installed.
     r.bundle()
     r.request(bundle_ok.replace("reboot=no", "reboot=yes"))
     rc, out, err = r.helper("request", os.path.join(r.state, "update-requested"))
