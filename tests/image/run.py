@@ -677,6 +677,10 @@ def scenario_update(a, raw, workdir):
     sh(f"{REPO}/provision/seed", disk, "--backend", f"https://{GUEST_BACKEND}:8443",
        "--token-file", os.path.join(workdir, "enroll.token"), "--config", toml, "--ca-file", rx.ca,
        "--secret", os.path.join(workdir, "contoso.secret"), "--ntp", "127.0.0.1")
+    plant_hostile_agent_files(disk, workdir)
+    # The backend's downgrade: the running image's own bundle (not newer) signed with the right key.
+    same = subprocess.run([f"{REPO}/image/bundle.sh", a.out], check=True, text=True,
+                          capture_output=True).stdout.strip().splitlines()[-1]
     b = Boot(a.arch, disk, workdir, a.timeout, reboots=True,
              nic_extra=f",guestfwd=tcp:{GUEST_BACKEND}:8443-cmd:python3 {fwd} {rx.port}")
     try:
@@ -696,6 +700,29 @@ def scenario_update(a, raw, workdir):
         enroll = b.report().get("enroll", "")
         check("update: m365-enroll.service succeeded and wiped the token (no step after the enrolment failed)",
               enroll.startswith("inactive/success") and "token_left=no" in enroll, enroll)
+        t_req = b.wait_for(r'm365-update: \{"ok":false.*update-requested: refused: a symbolic link', 5)
+        check("update: the root helper refused the agent's request that was a symlink to a root file",
+              t_req is not None, f"{t_req:.1f}s" if t_req is not None else "no refusal on the console")
+        # The backend asks for a downgrade: refused by the agent (the flag) and by the helper (the version).
+        d = open(same, "rb").read()
+        rx.call("PUT", "/_rx/files/same.raucb", raw=d)
+        url = f"https://{GUEST_BACKEND}:8443/v1/files/same.raucb"
+        flag = rx.call("POST", "/_rx/commands", {"kind": "install_update", "args": {
+            "url": url, "sha256": hashlib.sha256(d).hexdigest(), "allow_downgrade": True}})
+        old = rx.call("POST", "/_rx/commands", {"kind": "install_update", "args": {
+            "url": url, "sha256": hashlib.sha256(d).hexdigest()}})
+        got = {}
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and len(got) < 2:
+            for c in rx.call("GET", "/_rx/commands"):
+                if c["id"] in (flag["id"], old["id"]) and c.get("results"):
+                    got[c["id"]] = c["results"][0]
+            time.sleep(2)
+        r1, r2 = got.get(flag["id"], {}), got.get(old["id"], {})
+        check("update: install_update with allow_downgrade is refused by the agent, naming the local switch",
+              r1.get("ok") is False and "only by the local switch" in r1.get("message", ""), str(r1))
+        check("update: the running image's own bundle is refused by the real helper (not newer: downgrade refused)",
+              r2.get("ok") is False and "downgrade refused" in r2.get("message", ""), str(r2))
         data = open(bundle, "rb").read()
         sha = hashlib.sha256(data).hexdigest()
         rx.call("PUT", "/_rx/files/update.raucb", raw=data)
@@ -736,6 +763,45 @@ def scenario_update(a, raw, workdir):
     finally:
         b.stop()
         rx.stop()
+    check_canary(disk, workdir, "update")
+
+
+CANARY = "/var/lib/m365-provision/canary"
+CANARY_TEXT = "root's file: the agent must never get it written, owned or read\n"
+
+
+def plant_hostile_agent_files(disk, workdir):
+    """What a compromised agent user plants in its own directory before the helper runs: symlinks where
+    root once wrote its result, and a request that is a symlink to a root-owned file (the canary)."""
+    canary = os.path.join(workdir, "canary")
+    with open(canary, "w") as f:
+        f.write(CANARY_TEXT)
+    debugfs_put(disk, [(canary, CANARY, 0, "600")])
+    off, _ = partition(disk, "data")
+    cmds = []
+    for name in ("update-result.json", "update-result.json.tmp", "update-requested"):
+        rel = f"/lib/m365-sensor/{name}"
+        cmds += [f"symlink {rel} {CANARY}", f"sif {rel} uid 990", f"sif {rel} gid 990"]
+    script = os.path.join(workdir, "symlinks.cmds")
+    with open(script, "w") as f:
+        f.write("\n".join(cmds) + "\n")
+    out = subprocess.run(["debugfs", "-w", "-f", script, f"{disk}?offset={off}"], capture_output=True, text=True)
+    if out.returncode != 0 or re.search(r"(?im)^\S.*: (error|could not|not found)", out.stderr):
+        raise RuntimeError(f"debugfs: {out.stderr.strip()}")
+
+
+def check_canary(disk, workdir, tag):
+    """After the guest stopped: the canary is root's, 0600, its content unchanged."""
+    off, _ = partition(disk, "data")
+    rel = CANARY[len("/var"):]
+    text = subprocess.run(["debugfs", "-R", f"cat {rel}", f"{disk}?offset={off}"], capture_output=True,
+                          text=True).stdout
+    st = subprocess.run(["debugfs", "-R", f"stat {rel}", f"{disk}?offset={off}"], capture_output=True,
+                        text=True).stdout
+    m = re.search(r"Mode:\s+(\d+).*?User:\s+(\d+)", st, re.S)
+    check(f"{tag}: the root file the agent's symlinks pointed at is untouched (content, owner root, 0600)",
+          text == CANARY_TEXT and m is not None and m.group(2) == "0" and m.group(1).endswith("600"),
+          f"content={text!r} stat={m.groups() if m else st[:200]}")
 
 
 def scenario_rollback(a, raw, workdir):
