@@ -27,7 +27,11 @@
 # Environment: IMAGE_CACHE_DIR (default /var/cache/m365-sensor-image), IMAGE_CACHE_MAX_AGE_DAYS, IMAGE_CACHE=0,
 # RAUC_KEYS_DIR (default image/out/keys: the test signing key, generated when missing; kept out of git),
 # SOURCE_DATE_EPOCH, IMAGE_OUTPUTS, KEEP_WORK=1 (keep OUTDIR/work), M365_BROKEN_AGENT=1 (test rig only: the agent binary
-# is replaced by one that fails, to test rollback; never for a release).
+# is replaced by one that fails, to test rollback; never for a release),
+# IMAGE_MIN_VERSION (the version floor: no bundle below it ever installs on this image, whatever the
+# downgrade switch; default the agent's version, so that no older release comes back),
+# IMAGE_ALLOW_DOWNGRADE=1 (the downgrade switch in the read-only image: /usr/lib/m365-sensor/allow-downgrade;
+# default off, and the backend can never set it).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -68,6 +72,8 @@ AGENT_VERSION=${VERSION:-$("$BIN" --version 2>/dev/null | sed -n 's/^m365-sensor
 [ -n "$AGENT_VERSION" ] || die "cannot read the agent's version from $BIN --version (set VERSION=X.Y.Z)"
 IMAGE_VERSION="$AGENT_VERSION+$(date -u -d "@$EPOCH" +%Y%m%d%H%M%S)"
 [ -n "${M365_BROKEN_AGENT:-}" ] && IMAGE_VERSION="$IMAGE_VERSION.broken"
+MIN_VERSION=${IMAGE_MIN_VERSION:-$AGENT_VERSION}
+printf '%s' "$MIN_VERSION" | grep -qxE '[0-9A-Za-z.+~_-]{1,64}' || die "IMAGE_MIN_VERSION '$MIN_VERSION': not a version"
 
 # ---- signing key (the image's RAUC keyring) -----------------------------------------------------------
 if [ ! -f "$KEYS/signing.key.pem" ] || [ ! -f "$KEYS/signing.cert.pem" ]; then
@@ -212,7 +218,14 @@ IMAGE_TARGET=$TARGET
 AGENT_VERSION=$AGENT_VERSION
 KERNEL=$KVER
 RAUC_COMPATIBLE=m365-sensor-$TARGET
+MIN_VERSION=$MIN_VERSION
 EOF
+# The downgrade switch, only when asked for at build time (m365-update: a root-owned file in the image).
+rm -f "$TREE/usr/lib/m365-sensor/allow-downgrade"
+if [ "${IMAGE_ALLOW_DOWNGRADE:-0}" = 1 ]; then
+    echo "downgrades allowed (down to MIN_VERSION=$MIN_VERSION) by the image's build" > "$TREE/usr/lib/m365-sensor/allow-downgrade"
+    chmod 0644 "$TREE/usr/lib/m365-sensor/allow-downgrade"
+fi
 echo m365-sensor > "$TREE/etc/hostname"
 
 # Units: enable what runs, mask logins on consoles (root is locked anyway).
@@ -261,7 +274,8 @@ rm -rf "${TREE:?}/var" && install -d -m 0755 "$TREE/var"
 install -d -m 0755 "$DATA/etc"
 install -d -m 0750 -o 0 -g "$SERVICE_UID" "$DATA/etc/m365-sensor"
 install -d -m 0700 -o "$SERVICE_UID" -g "$SERVICE_UID" "$DATA/lib/m365-sensor"
-install -d -m 0700 "$DATA/lib/m365-provision" "$DATA/lib/m365-provision/applied" "$DATA/lib/rauc"
+install -d -m 0700 "$DATA/lib/m365-provision" "$DATA/lib/m365-provision/applied" "$DATA/lib/rauc" \
+    "$DATA/lib/m365-update"
 JGID=$(awk -F: '$1 == "systemd-journal" { print $3 }' "$TREE/etc/group")
 install -d -m 2755 -o 0 -g "${JGID:-0}" "$DATA/log/journal"
 install -d -m 1777 "$DATA/tmp"
@@ -293,6 +307,17 @@ EXPOSURE=$(printf '%s\n' "$analysis" |
 awk -v e="$EXPOSURE" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e <= m) }' ||
     die "hardening: m365-sensor.service exposure $EXPOSURE > $MAX_EXPOSURE"
 step "agent unit exposure $EXPOSURE (<= $MAX_EXPOSURE)"
+# The units that act for the agent (its update and reboot requests, its enrolment) are sandboxed too: a
+# compromised agent must gain nothing from them (docs/IMAGE.md, "The agent is not trusted by the helper").
+HELPER_EXPOSURE=""
+for u in m365-sensor-update.service m365-sensor-reboot.service m365-enroll.service; do
+    e=$(systemd-analyze security --offline=yes --root="$TREE" "$u" 2>&1 |
+        sed -n 's/.*Overall exposure level for [^:]*: \([0-9][0-9]*\.[0-9]\).*/\1/p' | tail -n1)
+    [ -n "$e" ] && awk -v e="$e" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e <= m) }' ||
+        die "hardening: $u exposure ${e:-unknown} > $MAX_EXPOSURE"
+    HELPER_EXPOSURE="$HELPER_EXPOSURE $u=$e"
+done
+step "helper units' exposure:$HELPER_EXPOSURE"
 timed "customize+checks" "$t"
 
 # ---- 3. slot images ----------------------------------------------------------------------------------
@@ -435,7 +460,9 @@ BUILD_SECS=$(elapsed "$T0")
     echo "kernel: $KVER (linux-image-$KVER $KERNEL_PKG_VERSION)"
     echo "root_hash: $ROOTHASH"
     echo "rauc_compatible: m365-sensor-$TARGET"
+    echo "min_version: $MIN_VERSION (downgrade switch in the image: $([ "${IMAGE_ALLOW_DOWNGRADE:-0}" = 1 ] && echo yes || echo no))"
     echo "agent_unit_exposure: $EXPOSURE"
+    echo "helper_unit_exposure:$HELPER_EXPOSURE"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) in ${BUILD_SECS}s (root tree cache: $CACHE_HIT, key $KEY)"
     echo "sizes_bytes: raw=$(stat -c %s "$RAW") raw_allocated=$(( $(stat -c %b "$RAW") * 512 )) root_erofs=$root_bytes uki=$UKI_BYTES$(for fmt in "${OUTPUTS[@]}"; do printf ' %s=%s' "$fmt" "$(stat -c %s "$OUT/$NAME.$fmt")"; done)"
     echo "steps_secs: ${TIMES[*]}"

@@ -13,7 +13,7 @@ IMAGE_TARGET_aarch64 := aarch64-metal
 IMAGE_TARGET ?= $(IMAGE_TARGET_$(ARCH))
 IMAGE_OUT ?= image/out/$(if $(filter $(IMAGE_TARGET),$(IMAGE_TARGET_$(ARCH))),$(ARCH),$(IMAGE_TARGET))
 # Scenarios of tests/image/run.py for `make test-image` (all of them: add powerloss; it adds ~6 min).
-IMAGE_TESTS ?= flash,seed-boot,verity,bundle,update,rollback
+IMAGE_TESTS ?= helper,flash,seed-boot,verity,bundle,update,rollback
 
 .PHONY: image bundle test-image test-image-arm image-deps
 

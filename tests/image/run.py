@@ -12,8 +12,9 @@ partition and the first boot applies it. The backend and Microsoft endpoints are
 GUEST (nothing listens there): the agent must run, report its collectors `api_unreachable`, and keep
 running; no packet leaves QEMU.
 
-Scenarios (--only a,b,...): flash, seed-boot, verity, bundle (host-side bundle checks: wrong key, downgrade,
-other target), update (a newer bundle installed, slot B boots and is marked good), rollback (a bundle whose
+Scenarios (--only a,b,...): helper (no image: the root update helper on the host against a hostile agent
+user, tests/image/helper_checks.py), flash, seed-boot, verity, bundle (host-side bundle checks: wrong key,
+downgrade, the downgrade switch and floor, other target), update (a newer bundle installed, slot B boots and is marked good), rollback (a bundle whose
 agent fails: slot B boots, the health check fails, slot A boots again). The last line is
 `N passed, N failed`; the exit code is 1 when anything failed.
 """
@@ -348,14 +349,15 @@ def main():
     ap.add_argument("--target", help="default: x86_64-vm or aarch64-metal")
     ap.add_argument("--out", help="the image's output directory (default image/out/<arch>)")
     ap.add_argument("--timeout", type=int, default=300, help="bound of every boot, seconds (default 300)")
-    ap.add_argument("--only", default="flash,seed-boot,verity,bundle,update,rollback",
-                    help="comma-separated scenarios: flash, seed-boot, verity, bundle, update, rollback, powerloss")
+    ap.add_argument("--only", default="helper,flash,seed-boot,verity,bundle,update,rollback",
+                    help="comma-separated scenarios: helper, flash, seed-boot, verity, bundle, update, rollback, "
+                         "powerloss")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
     a.target = a.target or DEFAULT_TARGET[a.arch]
     a.out = os.path.abspath(a.out or os.path.join(REPO, "image", "out", a.arch))
     raw = os.path.join(a.out, f"m365-sensor-{a.target}.raw")
-    if not os.path.exists(raw):
+    if not os.path.exists(raw) and set(s for s in a.only.split(",") if s) - {"helper"}:
         print(f"{raw} missing: run `make image ARCH={a.arch}` first", file=sys.stderr)
         return 2
     scenarios = {"seed-boot": scenario_seed_boot, "verity": scenario_verity}
@@ -458,11 +460,18 @@ def scenario_bundle(a, raw, workdir):
     keyring = os.path.join(REPO, "image", "out", "keys", "signing.cert.pem")
     release = os.path.join(workdir, "image-release")
 
-    def run_check(b, current, compatible=f"m365-sensor-{a.target}"):
+    switch = os.path.join(workdir, "allow-downgrade")  # beside image-release, as in the image
+
+    def run_check(b, current, compatible=f"m365-sensor-{a.target}", floor="", downgrade=False):
         with open(release, "w") as f:
-            f.write(f"IMAGE_VERSION={current}\nRAUC_COMPATIBLE={compatible}\n")
-        env = dict(os.environ, M365_UPDATE_KEYRING=keyring, M365_IMAGE_RELEASE=release)
-        r = subprocess.run([helper, "check", b], capture_output=True, text=True, env=env)
+            f.write(f"IMAGE_VERSION={current}\nRAUC_COMPATIBLE={compatible}\nMIN_VERSION={floor}\n")
+        # The helper's own directories in the work directory (it copies the bundle there before any check).
+        env = dict(os.environ, M365_UPDATE_KEYRING=keyring, M365_IMAGE_RELEASE=release,
+                   M365_UPDATE_WORK_DIR=os.path.join(workdir, "helper-work"),
+                   M365_UPDATE_RUN_DIR=os.path.join(workdir, "helper-run"),
+                   M365_UPDATE_PROVISION_DIR=os.path.join(workdir, "no-provision"))
+        r = subprocess.run([helper, "check", b, *(["--allow-downgrade"] if downgrade else [])],
+                           capture_output=True, text=True, env=env)
         return r.returncode, r.stdout.strip()
 
     rc, msg = run_check(bundle, "0.0.1+20000101000000")
@@ -471,6 +480,16 @@ def scenario_bundle(a, raw, workdir):
     check("bundle: an older bundle is refused (downgrade)", rc == 1 and "not newer" in msg, msg)
     rc, msg = run_check(bundle, version)
     check("bundle: the same version is refused", rc == 1, msg)
+    rc, msg = run_check(bundle, version + "1", downgrade=True)
+    check("bundle: --allow-downgrade without the local switch is refused", rc == 1 and "downgrade refused" in msg, msg)
+    with open(switch, "w") as f:
+        f.write("test\n")
+    rc, msg = run_check(bundle, version + "1", downgrade=True)
+    check("bundle: with the image's root-owned downgrade switch an older bundle verifies", rc == 0, msg)
+    rc, msg = run_check(bundle, version + "1", floor=version + "0", downgrade=True)
+    check("bundle: below the image's MIN_VERSION a bundle is refused, switch or not", rc == 1 and
+          "below this image's floor" in msg, msg)
+    os.remove(switch)
     rc, msg = run_check(bundle, "0.0.1", compatible="m365-sensor-other-target")
     check("bundle: a bundle for another target is refused (compatible)", rc == 1 and
           "this device is" in msg, msg)
@@ -658,6 +677,10 @@ def scenario_update(a, raw, workdir):
     sh(f"{REPO}/provision/seed", disk, "--backend", f"https://{GUEST_BACKEND}:8443",
        "--token-file", os.path.join(workdir, "enroll.token"), "--config", toml, "--ca-file", rx.ca,
        "--secret", os.path.join(workdir, "contoso.secret"), "--ntp", "127.0.0.1")
+    plant_hostile_agent_files(disk, workdir)
+    # The backend's downgrade: the running image's own bundle (not newer) signed with the right key.
+    same = subprocess.run([f"{REPO}/image/bundle.sh", a.out], check=True, text=True,
+                          capture_output=True).stdout.strip().splitlines()[-1]
     b = Boot(a.arch, disk, workdir, a.timeout, reboots=True,
              nic_extra=f",guestfwd=tcp:{GUEST_BACKEND}:8443-cmd:python3 {fwd} {rx.port}")
     try:
@@ -677,6 +700,29 @@ def scenario_update(a, raw, workdir):
         enroll = b.report().get("enroll", "")
         check("update: m365-enroll.service succeeded and wiped the token (no step after the enrolment failed)",
               enroll.startswith("inactive/success") and "token_left=no" in enroll, enroll)
+        t_req = b.wait_for(r'm365-update: \{"ok":false.*update-requested: refused: a symbolic link', 5)
+        check("update: the root helper refused the agent's request that was a symlink to a root file",
+              t_req is not None, f"{t_req:.1f}s" if t_req is not None else "no refusal on the console")
+        # The backend asks for a downgrade: refused by the agent (the flag) and by the helper (the version).
+        d = open(same, "rb").read()
+        rx.call("PUT", "/_rx/files/same.raucb", raw=d)
+        url = f"https://{GUEST_BACKEND}:8443/v1/files/same.raucb"
+        flag = rx.call("POST", "/_rx/commands", {"kind": "install_update", "args": {
+            "url": url, "sha256": hashlib.sha256(d).hexdigest(), "allow_downgrade": True}})
+        old = rx.call("POST", "/_rx/commands", {"kind": "install_update", "args": {
+            "url": url, "sha256": hashlib.sha256(d).hexdigest()}})
+        got = {}
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and len(got) < 2:
+            for c in rx.call("GET", "/_rx/commands"):
+                if c["id"] in (flag["id"], old["id"]) and c.get("results"):
+                    got[c["id"]] = c["results"][0]
+            time.sleep(2)
+        r1, r2 = got.get(flag["id"], {}), got.get(old["id"], {})
+        check("update: install_update with allow_downgrade is refused by the agent, naming the local switch",
+              r1.get("ok") is False and "only by the local switch" in r1.get("message", ""), str(r1))
+        check("update: the running image's own bundle is refused by the real helper (not newer: downgrade refused)",
+              r2.get("ok") is False and "downgrade refused" in r2.get("message", ""), str(r2))
         data = open(bundle, "rb").read()
         sha = hashlib.sha256(data).hexdigest()
         rx.call("PUT", "/_rx/files/update.raucb", raw=data)
@@ -717,6 +763,45 @@ def scenario_update(a, raw, workdir):
     finally:
         b.stop()
         rx.stop()
+    check_canary(disk, workdir, "update")
+
+
+CANARY = "/var/lib/m365-provision/canary"
+CANARY_TEXT = "root's file: the agent must never get it written, owned or read\n"
+
+
+def plant_hostile_agent_files(disk, workdir):
+    """What a compromised agent user plants in its own directory before the helper runs: symlinks where
+    root once wrote its result, and a request that is a symlink to a root-owned file (the canary)."""
+    canary = os.path.join(workdir, "canary")
+    with open(canary, "w") as f:
+        f.write(CANARY_TEXT)
+    debugfs_put(disk, [(canary, CANARY, 0, "600")])
+    off, _ = partition(disk, "data")
+    cmds = []
+    for name in ("update-result.json", "update-result.json.tmp", "update-requested"):
+        rel = f"/lib/m365-sensor/{name}"
+        cmds += [f"symlink {rel} {CANARY}", f"sif {rel} uid 990", f"sif {rel} gid 990"]
+    script = os.path.join(workdir, "symlinks.cmds")
+    with open(script, "w") as f:
+        f.write("\n".join(cmds) + "\n")
+    out = subprocess.run(["debugfs", "-w", "-f", script, f"{disk}?offset={off}"], capture_output=True, text=True)
+    if out.returncode != 0 or re.search(r"(?im)^\S.*: (error|could not|not found)", out.stderr):
+        raise RuntimeError(f"debugfs: {out.stderr.strip()}")
+
+
+def check_canary(disk, workdir, tag):
+    """After the guest stopped: the canary is root's, 0600, its content unchanged."""
+    off, _ = partition(disk, "data")
+    rel = CANARY[len("/var"):]
+    text = subprocess.run(["debugfs", "-R", f"cat {rel}", f"{disk}?offset={off}"], capture_output=True,
+                          text=True).stdout
+    st = subprocess.run(["debugfs", "-R", f"stat {rel}", f"{disk}?offset={off}"], capture_output=True,
+                        text=True).stdout
+    m = re.search(r"Mode:\s+(\d+).*?User:\s+(\d+)", st, re.S)
+    check(f"{tag}: the root file the agent's symlinks pointed at is untouched (content, owner root, 0600)",
+          text == CANARY_TEXT and m is not None and m.group(2) == "0" and m.group(1).endswith("600"),
+          f"content={text!r} stat={m.groups() if m else st[:200]}")
 
 
 def scenario_rollback(a, raw, workdir):
@@ -785,8 +870,15 @@ def scenario_flash(a, raw_image, workdir):
     check("seed: refuses a non-https backend", r.returncode != 0, r.stderr.strip())
 
 
-EXTRA_SCENARIOS = {"flash": scenario_flash, "bundle": scenario_bundle, "update": scenario_update,
-                   "rollback": scenario_rollback, "powerloss": scenario_powerloss}
+def scenario_helper(a, raw, workdir):
+    """The root update helper on the host against a hostile agent user (tests/image/helper_checks.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import helper_checks
+    helper_checks.run(check, workdir)
+
+
+EXTRA_SCENARIOS = {"helper": scenario_helper, "flash": scenario_flash, "bundle": scenario_bundle,
+                   "update": scenario_update, "rollback": scenario_rollback, "powerloss": scenario_powerloss}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -65,6 +65,25 @@ else
     printf '%s\n' "$analysis" | grep '✗' || true
     fail "unit exposure $exposure > $MAX_EXPOSURE"
 fi
+# The helper units that act on the agent's requests: a compromised agent must gain nothing from them.
+# The reboot unit runs as the agent (systemd reboots: SuccessAction=); the update unit is root with three
+# capabilities, no network, and writes only its own directories.
+for u in dist/systemd/$PKG-reboot.service:0.5 dist/systemd/$PKG-update.service:2.0 \
+    image/rootfs/usr/lib/systemd/system/m365-enroll.service:2.0; do
+    f=${u%:*} max=${u##*:}
+    e=$(systemd-analyze security --offline=yes "$f" 2>&1 | sed -n 's/.*Overall exposure level for [^:]*: \([0-9][0-9]*\.[0-9]\).*/\1/p' | tail -n1)
+    if [ -n "$e" ] && awk -v e="$e" -v m="$max" 'BEGIN { exit !(e <= m) }'; then
+        pass "$(basename "$f") exposure $e <= $max"
+    else
+        fail "$(basename "$f") exposure ${e:-unknown} > $max"
+    fi
+done
+check "the reboot unit runs as the agent user, never root in the agent's directory" \
+    grep -qx "User=$PKG" dist/systemd/$PKG-reboot.service
+check "the reboot unit reboots through systemd (SuccessAction=reboot), not a root command" \
+    grep -qx "SuccessAction=reboot" dist/systemd/$PKG-reboot.service
+check "the update unit has no network and keeps only the capabilities it needs" \
+    grep -qx "CapabilityBoundingSet=CAP_DAC_READ_SEARCH CAP_SETUID CAP_SETGID" dist/systemd/$PKG-update.service
 unit_has() { grep -qx "$1" "$UNIT"; }
 for line in "Type=notify" "NotifyAccess=main" "WatchdogSec=60" "ExecStart=/usr/bin/m365-sensor run --config /etc/m365-sensor/sensor.toml" \
     "User=m365-sensor" "StateDirectory=m365-sensor" "StateDirectoryMode=0700" "Restart=on-failure" \

@@ -3,9 +3,15 @@
 //!
 //! Invariant: the agent never installs anything itself. It places a bundle whose SHA-256 it verified under
 //! `<state_dir>/update/`, writes the request file `<state_dir>/update-requested` (atomically, 0600), and
-//! reads the updater's answer from `<state_dir>/update-result.json`. The updater checks the bundle's
-//! signature, target and version before RAUC writes the inactive slot; a bundle that fails the SHA-256
-//! check is deleted and never handed over.
+//! reads the updater's answer from [`RESULT_PATH`] (`/run/m365-update/result.json`, a directory only root
+//! writes: nothing root writes ever lands in the agent's directory). The updater copies the bundle into a
+//! root-owned directory and checks that copy's signature, target and version before RAUC writes it into the
+//! inactive slot; a bundle that fails the SHA-256 check is deleted and never handed over.
+//!
+//! Every value the agent writes into the request (read by root) is checked against a strict byte set
+//! first ([`request_install`]): a command id with a newline cannot add a key. The request carries no
+//! downgrade flag: a downgrade is allowed only by a local switch on the device, never by the backend
+//! ([`UpdateRequest::from_args`] refuses `allow_downgrade`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,8 +33,12 @@ pub const UPDATER_ENV: &str = "M365_SENSOR_UPDATER";
 pub const BUNDLE_DIR: &str = "update";
 /// The request file the updater's path unit watches.
 pub const REQUEST_FILE: &str = "update-requested";
-/// The updater's answer.
-pub const RESULT_FILE: &str = "update-result.json";
+/// The updater's answer: in a root-owned directory under `/run`, never in the agent's state directory.
+pub const RESULT_PATH: &str = "/run/m365-update/result.json";
+/// Environment variable that points the agent at another answer file (tests).
+pub const RESULT_ENV: &str = "M365_SENSOR_UPDATE_RESULT";
+/// The longest command id handed to the updater.
+pub const MAX_ID_BYTES: usize = 128;
 /// The largest bundle downloaded (a root image of 512 MiB with its boot and verity images fits).
 pub const MAX_BUNDLE_BYTES: u64 = 1 << 30;
 
@@ -70,6 +80,16 @@ pub enum UpdateError {
     /// The updater did not answer in time.
     #[error("the updater did not answer within {0} s (is m365-sensor-update.path active?); {1}")]
     NoAnswer(u64, String),
+    /// A value that would cross into the root-read request file has bytes outside its safe set.
+    #[error("{key} `{value}` is refused in the update request: {reason}")]
+    Unsafe {
+        /// The request key.
+        key: &'static str,
+        /// The value, escaped for display.
+        value: String,
+        /// The rule it broke.
+        reason: &'static str,
+    },
     /// The updater's answer is unreadable.
     #[error("the updater's answer {path} is unreadable: {reason}")]
     BadAnswer {
@@ -87,6 +107,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpdateError + '_ {
     }
 }
 
+/// Where the updater's answer is read: [`RESULT_ENV`] when set, else [`RESULT_PATH`].
+pub fn result_path() -> PathBuf {
+    std::env::var_os(RESULT_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RESULT_PATH))
+}
+
 /// The updater this host has, if any.
 pub fn updater() -> Option<PathBuf> {
     let path = std::env::var_os(UPDATER_ENV)
@@ -96,7 +123,7 @@ pub fn updater() -> Option<PathBuf> {
 }
 
 /// An `install_update` command's arguments. Invariant: `sha256` is 64 lowercase hex digits and `url` is
-/// an `https://` URL.
+/// an `https://` URL; there is no downgrade flag (the backend cannot ask for one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpdateRequest {
     /// Where the bundle is.
@@ -105,8 +132,6 @@ pub struct UpdateRequest {
     pub sha256: String,
     /// Reboot into the new slot once it is installed (default yes).
     pub reboot: bool,
-    /// Install a version that is not newer than the running one (default no).
-    pub allow_downgrade: bool,
 }
 
 /// Checks a SHA-256 given as hex; returns it in lowercase.
@@ -120,7 +145,8 @@ pub fn parse_sha256(text: &str) -> Result<String, String> {
 }
 
 impl UpdateRequest {
-    /// Reads `url`, `sha256` and the optional `reboot` and `allow_downgrade` from a command's `args`.
+    /// Reads `url`, `sha256` and the optional `reboot` from a command's `args`. `allow_downgrade: true` is
+    /// refused: a downgrade is the device's decision (a local switch), never the backend's.
     pub fn from_args(args: &serde_json::Value) -> Result<Self, UpdateError> {
         let args = args
             .as_object()
@@ -137,6 +163,14 @@ impl UpdateRequest {
                 "args.{key} must be true or false, not {other}"
             ))),
         };
+        if flag("allow_downgrade", false)? {
+            return Err(UpdateError::BadArgs(
+                "args.allow_downgrade is refused: downgrades are allowed only by the local switch on the device \
+                 (/usr/lib/m365-sensor/allow-downgrade in the image, or ALLOW_DOWNGRADE=yes in the provisioning \
+                 seed), never by the backend; and never below the image's MIN_VERSION"
+                    .into(),
+            ));
+        }
         let url = text("url")?;
         if !url.starts_with("https://") || url::Url::parse(url).is_err() {
             return Err(UpdateError::BadArgs(format!(
@@ -149,7 +183,6 @@ impl UpdateRequest {
             url: url.to_string(),
             sha256,
             reboot: flag("reboot", true)?,
-            allow_downgrade: flag("allow_downgrade", false)?,
         })
     }
 }
@@ -264,40 +297,90 @@ pub struct UpdateOutcome {
     pub message: String,
 }
 
-/// Asks the updater to install `bundle` (which must lie in `<state_dir>/update/`): removes an old answer,
-/// then writes the request file atomically. The reboot is the agent's, after it reported the result.
-pub fn request_install(
-    state_dir: &Path,
-    bundle: &Path,
-    id: &str,
-    allow_downgrade: bool,
-) -> Result<(), UpdateError> {
-    let answer = state_dir.join(RESULT_FILE);
-    match std::fs::remove_file(&answer) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&answer)(e)),
+/// Whether `id` may cross into the root-read request file: 1 to [`MAX_ID_BYTES`] bytes of
+/// `[A-Za-z0-9._:@-]` (the updater matches the same pattern).
+pub fn safe_id(id: &str) -> Result<(), UpdateError> {
+    let unsafe_id = |reason| UpdateError::Unsafe {
+        key: "id",
+        value: id.escape_debug().to_string(),
+        reason,
+    };
+    if id.is_empty() || id.len() > MAX_ID_BYTES {
+        return Err(unsafe_id("a command id is 1 to 128 bytes"));
     }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+    {
+        return Err(unsafe_id(
+            "only A-Z a-z 0-9 . _ : @ - may cross into a file root reads (no newline, no `=`)",
+        ));
+    }
+    Ok(())
+}
+
+/// The request file's text for `bundle` (which must be `<state_dir>/update/<[A-Za-z0-9_-]{1,64}>.raucb`,
+/// the path [`bundle_name`] and [`download`] make) and command `id`. Refuses anything else by key.
+pub fn request_text(state_dir: &Path, bundle: &Path, id: &str) -> Result<String, UpdateError> {
+    safe_id(id)?;
+    let unsafe_bundle = |reason| UpdateError::Unsafe {
+        key: "bundle",
+        value: bundle.display().to_string().escape_debug().to_string(),
+        reason,
+    };
+    let name = bundle
+        .strip_prefix(state_dir.join(BUNDLE_DIR))
+        .ok()
+        .and_then(|rest| rest.to_str())
+        .ok_or_else(|| unsafe_bundle("the bundle must lie directly in <state_dir>/update/"))?;
+    let stem = name
+        .strip_suffix(".raucb")
+        .ok_or_else(|| unsafe_bundle("the bundle's name must end .raucb"))?;
+    if stem.is_empty()
+        || stem.len() > 64
+        || !stem
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(unsafe_bundle(
+            "the bundle's name is 1 to 64 bytes of A-Z a-z 0-9 _ - before .raucb",
+        ));
+    }
+    let path = bundle
+        .to_str()
+        .filter(|p| {
+            p.starts_with('/')
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-'))
+                && !p.contains("..")
+        })
+        .ok_or_else(|| {
+            unsafe_bundle("the bundle path is absolute, of A-Z a-z 0-9 / . _ - only, without `..`")
+        })?;
+    Ok(format!("bundle={path}\nid={id}\nreboot=no\n"))
+}
+
+/// Asks the updater to install `bundle` (which must lie in `<state_dir>/update/`): writes the request file
+/// atomically (0600), after checking every value in it ([`request_text`]). The answer is root's to
+/// replace (the updater writes `in_progress` for this id first); the reboot is the agent's, after it
+/// reported the result.
+pub fn request_install(state_dir: &Path, bundle: &Path, id: &str) -> Result<(), UpdateError> {
+    let text = request_text(state_dir, bundle, id)?;
     let path = state_dir.join(REQUEST_FILE);
-    let text = format!(
-        "bundle={}\nid={id}\nreboot=no\nallow_downgrade={}\n",
-        bundle.display(),
-        if allow_downgrade { "yes" } else { "no" }
-    );
     store::write_private(&path, text.as_bytes()).map_err(io(&path))
 }
 
-/// Reads the updater's answer for request `id`, if it has given a final one.
-pub fn read_outcome(state_dir: &Path, id: &str) -> Result<Option<UpdateOutcome>, UpdateError> {
-    let path = state_dir.join(RESULT_FILE);
-    let text = match std::fs::read_to_string(&path) {
+/// Reads the updater's answer at `result` for request `id`, if it has given a final one.
+pub fn read_outcome(result: &Path, id: &str) -> Result<Option<UpdateOutcome>, UpdateError> {
+    let path = result;
+    let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(&path)(e)),
+        Err(e) => return Err(io(path)(e)),
     };
     let outcome: UpdateOutcome =
         serde_json::from_str(text.trim()).map_err(|e| UpdateError::BadAnswer {
-            path: path.clone(),
+            path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
     if outcome.id != id || outcome.code == "in_progress" {
@@ -310,8 +393,10 @@ pub fn read_outcome(state_dir: &Path, id: &str) -> Result<Option<UpdateOutcome>,
 /// the file atomically can be caught half way).
 const UNREADABLE_GRACE: Duration = Duration::from_secs(10);
 
-/// Waits up to `timeout` for the updater's final answer to request `id`.
+/// Waits up to `timeout` for the updater's final answer to request `id` at `result` (the request file is
+/// looked for in `state_dir` only to say why nothing came).
 pub async fn wait_outcome(
+    result: &Path,
     state_dir: &Path,
     id: &str,
     timeout: Duration,
@@ -319,7 +404,7 @@ pub async fn wait_outcome(
     let start = Instant::now();
     let mut unreadable_since: Option<Instant> = None;
     loop {
-        match read_outcome(state_dir, id) {
+        match read_outcome(result, id) {
             Ok(Some(o)) => return Ok(o),
             Ok(None) => unreadable_since = None,
             Err(e @ UpdateError::BadAnswer { .. }) => {
@@ -357,7 +442,7 @@ mod tests {
             UpdateRequest::from_args(&json!({"url": "https://b.example/x.raucb", "sha256": sha}))
                 .expect("valid");
         assert_eq!(ok.sha256, "ab".repeat(32));
-        assert!(ok.reboot && !ok.allow_downgrade);
+        assert!(ok.reboot);
         let e = |v| {
             UpdateRequest::from_args(&v)
                 .expect_err("invalid")
@@ -377,7 +462,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answer_caught_half_written_is_read_again() {
         let d = tempfile::tempdir().expect("tempdir");
-        let answer = d.path().join(RESULT_FILE);
+        let answer = d.path().join("result.json");
         std::fs::write(&answer, "").expect("write");
         let path = answer.clone();
         let writer = tokio::spawn(async move {
@@ -388,13 +473,13 @@ mod tests {
             )
             .expect("write");
         });
-        let o = wait_outcome(d.path(), "c1", Duration::from_secs(60))
+        let o = wait_outcome(&answer, d.path(), "c1", Duration::from_secs(60))
             .await
             .expect("the complete answer");
         assert_eq!(o.slot, "B");
         writer.await.expect("writer");
         std::fs::write(&answer, "{").expect("write");
-        let e = wait_outcome(d.path(), "c1", Duration::from_secs(60))
+        let e = wait_outcome(&answer, d.path(), "c1", Duration::from_secs(60))
             .await
             .expect_err("garbage that stays");
         assert!(e.to_string().contains("unreadable"), "{e}");
@@ -407,30 +492,126 @@ mod tests {
     }
 
     #[test]
-    fn the_request_replaces_an_old_answer_and_only_a_final_answer_for_this_id_counts() {
+    fn the_request_carries_checked_values_and_only_a_final_answer_for_this_id_counts() {
         let d = tempfile::tempdir().expect("tempdir");
-        let answer = d.path().join(RESULT_FILE);
+        let run = tempfile::tempdir().expect("tempdir");
+        let answer = run.path().join("result.json");
         std::fs::write(&answer, r#"{"ok":true,"code":"installed","id":"old"}"#).expect("write");
         let bundle = d.path().join(BUNDLE_DIR).join("c1.raucb");
-        request_install(d.path(), &bundle, "c1", false).expect("request");
-        assert!(!answer.exists(), "the old answer is removed");
+        request_install(d.path(), &bundle, "c1").expect("request");
         let req = std::fs::read_to_string(d.path().join(REQUEST_FILE)).expect("request file");
-        assert!(req.contains(&format!("bundle={}\n", bundle.display())));
-        assert!(req.contains("id=c1\nreboot=no\nallow_downgrade=no\n"));
-        assert_eq!(read_outcome(d.path(), "c1").expect("read"), None);
+        assert_eq!(
+            req,
+            format!("bundle={}\nid=c1\nreboot=no\n", bundle.display()),
+            "exactly the three keys the updater knows, and no downgrade flag"
+        );
+        assert_eq!(
+            read_outcome(&answer, "c1").expect("read"),
+            None,
+            "an old answer for another id"
+        );
         std::fs::write(&answer, r#"{"ok":false,"code":"in_progress","id":"c1"}"#).expect("write");
-        assert_eq!(read_outcome(d.path(), "c1").expect("read"), None);
+        assert_eq!(read_outcome(&answer, "c1").expect("read"), None);
         std::fs::write(
             &answer,
             r#"{"ok":true,"code":"installed","slot":"B","version":"2","id":"c1","message":"m"}"#,
         )
         .expect("write");
-        let o = read_outcome(d.path(), "c1").expect("read").expect("final");
+        let o = read_outcome(&answer, "c1").expect("read").expect("final");
         assert!(o.ok && o.slot == "B" && o.version == "2");
         std::fs::write(&answer, "garbage").expect("write");
-        assert!(read_outcome(d.path(), "c1")
+        assert!(read_outcome(&answer, "c1")
             .expect_err("garbage")
             .to_string()
-            .contains(RESULT_FILE));
+            .contains("result.json"));
+    }
+
+    #[test]
+    fn the_answer_is_read_from_a_root_owned_directory_under_run() {
+        assert_eq!(RESULT_PATH, "/run/m365-update/result.json");
+        assert!(!Path::new(RESULT_PATH).starts_with("/var/lib/m365-sensor"));
+    }
+
+    #[test]
+    fn hostile_ids_and_bundle_paths_never_reach_the_request_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let good = d.path().join(BUNDLE_DIR).join("c1.raucb");
+        let refused = |bundle: &Path, id: &str| {
+            let e = request_install(d.path(), bundle, id).expect_err("refused");
+            assert!(
+                !d.path().join(REQUEST_FILE).exists(),
+                "nothing written for {id:?}"
+            );
+            e.to_string()
+        };
+        // A newline in the id would add `reboot=yes` (or any key) to a file root parses.
+        let e = refused(&good, "c1\nreboot=yes");
+        assert!(
+            e.contains("id `c1\\nreboot=yes`") && e.contains("no newline"),
+            "{e}"
+        );
+        for id in [
+            "",
+            "c1\rreboot=yes",
+            "a=b",
+            "c1\u{0}",
+            "c1 x",
+            "ü",
+            "$(reboot)",
+            "../x",
+            &"a".repeat(129),
+        ] {
+            assert!(refused(&good, id).contains("id `"), "{id:?}");
+        }
+        assert!(request_text(d.path(), &good, &"a".repeat(128)).is_ok());
+        assert!(request_text(d.path(), &good, "0f3c-9a:cmd@b_1.2").is_ok());
+        // The bundle: in <state>/update/, a plain name, nothing else.
+        for (bundle, why) in [
+            (d.path().join("c1.raucb"), "directly in <state_dir>/update/"),
+            (
+                d.path().join(BUNDLE_DIR).join("sub/c1.raucb"),
+                "1 to 64 bytes",
+            ),
+            (d.path().join(BUNDLE_DIR).join("c1.tar"), "end .raucb"),
+            (
+                d.path().join(BUNDLE_DIR).join("c\n1.raucb"),
+                "1 to 64 bytes",
+            ),
+            (
+                d.path().join(BUNDLE_DIR).join("../c1.raucb"),
+                "1 to 64 bytes",
+            ),
+            (
+                PathBuf::from("/etc/shadow"),
+                "directly in <state_dir>/update/",
+            ),
+        ] {
+            let e = refused(&bundle, "c1");
+            assert!(e.contains("bundle `") && e.contains(why), "{bundle:?}: {e}");
+        }
+        let odd = Path::new("/var/lib/a b");
+        let e = request_text(odd, &odd.join(BUNDLE_DIR).join("c1.raucb"), "c1")
+            .expect_err("a state_dir with a blank");
+        assert!(e.to_string().contains("absolute, of A-Z"), "{e}");
+    }
+
+    #[test]
+    fn the_backend_cannot_ask_for_a_downgrade() {
+        let sha = "ab".repeat(32);
+        let e = UpdateRequest::from_args(
+            &json!({"url": "https://b.example/x.raucb", "sha256": sha, "allow_downgrade": true}),
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            e.contains(
+                "args.allow_downgrade is refused: downgrades are allowed only by the local switch"
+            ),
+            "{e}"
+        );
+        assert!(UpdateRequest::from_args(
+            &json!({"url": "https://b.example/x.raucb", "sha256": sha, "allow_downgrade": false})
+        )
+        .is_ok());
     }
 }

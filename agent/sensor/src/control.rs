@@ -617,8 +617,8 @@ async fn install_update(
         .map_err(fail)?;
     log::info!(target: "control", "command {}: bundle {} verified (SHA-256), handing it to {}", cmd.id, bundle.display(), updater.display());
     let outcome = async {
-        update::request_install(&ctx.state_dir, &bundle, &cmd.id, req.allow_downgrade)?;
-        update::wait_outcome(&ctx.state_dir, &cmd.id, UPDATE_WAIT).await
+        update::request_install(&ctx.state_dir, &bundle, &cmd.id)?;
+        update::wait_outcome(&update::result_path(), &ctx.state_dir, &cmd.id, UPDATE_WAIT).await
     }
     .await;
     if let Err(e) = std::fs::remove_file(&bundle) {

@@ -494,6 +494,7 @@ fn kills_during_a_command_and_during_config_changes_lose_nothing_and_rerun_nothi
 /// the request file, checks the bundle it names is `expected`, answers `in_progress`, then `answer`.
 fn fake_updater(
     state: std::path::PathBuf,
+    result: std::path::PathBuf,
     expected: Vec<u8>,
     answer: fn(&str) -> Value,
 ) -> std::thread::JoinHandle<anyhow::Result<String>> {
@@ -519,8 +520,11 @@ fn fake_updater(
             "the bundle is not what the backend served"
         );
         anyhow::ensure!(field("reboot") == "no", "the agent reboots itself: {req}");
+        anyhow::ensure!(
+            !req.contains("allow_downgrade"),
+            "the request carries no downgrade flag: {req}"
+        );
         let id = field("id");
-        let result = state.join("update-result.json");
         std::fs::write(
             &result,
             json!({"ok": false, "code": "in_progress", "id": id}).to_string(),
@@ -539,11 +543,20 @@ fn install_update_hands_a_verified_bundle_to_the_updater_then_reboots() -> anyho
     let (_sim, rx, cfg) = alpha_rig(d, &tenant_scenario(A, &[SECRET_A]))?;
     let updater = d.join("m365-update");
     std::fs::write(&updater, "#!/bin/sh\nexit 2\n")?;
+    // The answer comes from a root-owned directory under /run on the image; here a directory of the test.
+    std::fs::create_dir(d.join("run"))?;
+    let result = d.join("run/result.json");
     let sensor = start_sensor_with_env(
         d,
         &cfg,
         0,
-        &[("M365_SENSOR_UPDATER", updater.to_str().unwrap_or_default())],
+        &[
+            ("M365_SENSOR_UPDATER", updater.to_str().unwrap_or_default()),
+            (
+                "M365_SENSOR_UPDATE_RESULT",
+                result.to_str().unwrap_or_default(),
+            ),
+        ],
     )?;
     let state = d.join("state");
     let bundle: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -568,8 +581,23 @@ fn install_update_hands_a_verified_bundle_to_the_updater_then_reboots() -> anyho
         "nothing left behind"
     );
 
+    // The backend cannot ask for a downgrade: refused before anything is downloaded or handed over.
+    let downgrade = rx.queue_command(
+        "install_update",
+        json!({"url": url, "sha256": sha, "allow_downgrade": true}),
+    )?;
+    let r = rx.wait_result(&downgrade, Duration::from_secs(60))?;
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["message"].as_str().unwrap_or("").contains(
+            "args.allow_downgrade is refused: downgrades are allowed only by the local switch"
+        ),
+        "{r}"
+    );
+    assert!(!state.join("update-requested").exists());
+
     // The updater refuses (say, a downgrade): reported with its reason, no reboot.
-    let refuser = fake_updater(state.clone(), bundle.clone(), |id| {
+    let refuser = fake_updater(state.clone(), result.clone(), bundle.clone(), |id| {
         json!({"ok": false, "code": "refused", "slot": "", "version": "0.0.9", "id": id,
                "message": "bundle version 0.0.9 is not newer than the running 0.1.0 (downgrade refused)"})
     });
@@ -592,7 +620,7 @@ fn install_update_hands_a_verified_bundle_to_the_updater_then_reboots() -> anyho
     );
 
     // Installed: the result is reported, then the reboot is requested; the bundle file is gone.
-    let installer = fake_updater(state.clone(), bundle.clone(), |id| {
+    let installer = fake_updater(state.clone(), result.clone(), bundle.clone(), |id| {
         json!({"ok": true, "code": "installed", "slot": "B", "version": "0.2.0", "id": id,
                "message": "installed into slot B"})
     });
@@ -622,7 +650,7 @@ fn install_update_hands_a_verified_bundle_to_the_updater_then_reboots() -> anyho
     let downloads = rx.get_json("/_rx/downloads")?;
     assert_eq!(downloads.as_array().map(Vec::len), Some(3), "{downloads}");
     std::thread::sleep(Duration::from_secs(3));
-    for id in [&wrong, &refused, &good] {
+    for id in [&wrong, &downgrade, &refused, &good] {
         assert_eq!(rx.command(id)?["results"].as_array().map(Vec::len), Some(1));
     }
     Ok(())
