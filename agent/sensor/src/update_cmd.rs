@@ -20,7 +20,9 @@ pub struct Args {
     /// The bundle's SHA-256 (hex); checked before anything is installed.
     #[arg(long)]
     pub sha256: Option<String>,
-    /// Install a version that is not newer than the running one.
+    /// Install a version that is not newer than the running one: honoured by the helper only when the
+    /// device's local switch allows downgrades (`/usr/lib/m365-sensor/allow-downgrade` in the image, or
+    /// `/var/lib/m365-provision/allow-downgrade` from the seed), and never below the image's `MIN_VERSION`.
     #[arg(long)]
     pub allow_downgrade: bool,
     /// Configuration file (for a URL: state_dir, backend TLS settings, network.proxy).
