@@ -45,7 +45,8 @@ pub struct Entry {
     pub result: Option<CommandResult>,
     /// Whether the backend acknowledged the result.
     pub reported: bool,
-    /// Whether it was refused by the rate limit (it did not run and does not count).
+    /// Whether it was refused before it ran (by the rate limit, or for its arguments): it did not run
+    /// and does not count toward the rate limit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rate_limited: bool,
 }
@@ -181,8 +182,9 @@ impl Journal {
         ))
     }
 
-    /// Records `id` as refused by the rate limit with `result`, durably; it never runs.
-    pub fn refuse_rate_limited(
+    /// Records `id` as refused before it ran (by the rate limit, or for its arguments) with `result`,
+    /// durably; it never runs and does not count toward the rate limit.
+    pub fn refuse_before_running(
         &mut self,
         id: &str,
         kind: &str,
@@ -343,7 +345,7 @@ mod tests {
             ok: false,
             message: reason,
         };
-        j.refuse_rate_limited("r3", "reboot", t0 + 10, refused)
+        j.refuse_before_running("r3", "reboot", t0 + 10, refused)
             .expect("refuse");
         let mut j = Journal::load(d.path()).expect("reload");
         assert!(

@@ -396,13 +396,16 @@ async fn handle_answer(
             continue;
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if let Some(reason) = journal.rate_limit(&cmd.kind, now) {
-            log::warn!(target: "control", "command {} ({}) refused: {reason}", cmd.id, cmd.kind);
-            let refused = CommandResult {
-                ok: false,
-                message: format!("{}: {reason}", cmd.kind),
-            };
-            if let Err(e) = journal.refuse_rate_limited(&cmd.id, &cmd.kind, now, refused) {
+        // Arguments first: a command refused for them changes nothing, so it does not count toward the
+        // rate limit (a backend's typo must not use up the hour's updates).
+        let refusal = check_args(&cmd).err().or_else(|| {
+            let reason = journal.rate_limit(&cmd.kind, now)?;
+            Some(format!("{}: {reason}", cmd.kind))
+        });
+        if let Some(message) = refusal {
+            log::warn!(target: "control", "command {} ({}) refused: {message}", cmd.id, cmd.kind);
+            let refused = CommandResult { ok: false, message };
+            if let Err(e) = journal.refuse_before_running(&cmd.id, &cmd.kind, now, refused) {
                 log::error!(target: "control", "cannot journal the refusal of command {}: {e}", cmd.id);
             }
             continue;
@@ -515,8 +518,9 @@ fn result(r: Result<String, String>) -> CommandResult {
 }
 
 /// The args each command kind this sensor runs may carry; any other arg is refused before the command
-/// runs, so no command takes a file name, a path or an endpoint from the network. `install_update`
-/// checks its own (`update::UpdateRequest::from_args`); kinds not listed here check their own.
+/// runs (and before the rate limit counts it), so no command takes a file name, a path or an endpoint from
+/// the network. `install_update` checks its own (`update::UpdateRequest::from_args`, in [`check_args`]);
+/// kinds not listed here check their own.
 const COMMAND_ARGS: &[(&str, &[&str])] = &[
     ("set_log_level", &["level"]),
     ("resync", &["tenant", "start", "content_type"]),
@@ -536,8 +540,14 @@ const COMMAND_ARGS: &[(&str, &[&str])] = &[
     ("reset_spool", &[]),
 ];
 
-/// Refuses a command carrying an arg its kind does not take, naming the args (escaped) and what it takes.
+/// Refuses a command whose args its kind does not take (naming them, escaped, and what it takes), or, for
+/// `install_update`, whose args do not parse (`UpdateRequest::from_args`: URL, SHA-256, no downgrade).
 fn check_args(cmd: &Command) -> Result<(), String> {
+    if cmd.kind == "install_update" {
+        return update::UpdateRequest::from_args(&cmd.args)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+    }
     let Some((_, allowed)) = COMMAND_ARGS.iter().find(|(k, _)| *k == cmd.kind) else {
         return Ok(());
     };
@@ -576,9 +586,6 @@ async fn execute(
             Ok((message, then)) => (CommandResult { ok: true, message }, then),
             Err(message) => (CommandResult { ok: false, message }, Then::Done),
         };
-    }
-    if let Err(refusal) = check_args(cmd) {
-        return (result(Err(refusal)), Then::Done);
     }
     let r = match cmd.kind.as_str() {
         "set_log_level" => set_log_level(cmd),
