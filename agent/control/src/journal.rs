@@ -140,20 +140,7 @@ impl Journal {
     /// Records `id` as started, durably. Call before running it; never run a command whose `begin`
     /// failed.
     pub fn begin(&mut self, id: &str, kind: &str, now: i64) -> Result<(), JournalError> {
-        if !valid_command_id(id) {
-            return Err(JournalError::InvalidId { id: shown(id) });
-        }
-        self.entries.insert(
-            id.to_string(),
-            Entry {
-                kind: kind.to_string(),
-                at: now,
-                result: None,
-                reported: false,
-                rate_limited: false,
-            },
-        );
-        self.save()
+        self.record(id, kind, now, None)
     }
 
     /// Why a command of `kind` may not run at `now` (Unix seconds): the rate limit of its kind is reached.
@@ -191,17 +178,30 @@ impl Journal {
         now: i64,
         result: CommandResult,
     ) -> Result<(), JournalError> {
+        self.record(id, kind, now, Some(result))
+    }
+
+    /// Records `id` durably: started (no result yet), or refused before it ran (with its result, not
+    /// counted by the rate limit). Every id recorded passes [`valid_command_id`].
+    fn record(
+        &mut self,
+        id: &str,
+        kind: &str,
+        now: i64,
+        refusal: Option<CommandResult>,
+    ) -> Result<(), JournalError> {
         if !valid_command_id(id) {
             return Err(JournalError::InvalidId { id: shown(id) });
         }
+        let rate_limited = refusal.is_some();
         self.entries.insert(
             id.to_string(),
             Entry {
                 kind: kind.to_string(),
                 at: now,
-                result: Some(result),
+                result: refusal,
                 reported: false,
-                rate_limited: true,
+                rate_limited,
             },
         );
         self.save()
